@@ -1,0 +1,410 @@
+//! The command line: clap definitions and dispatch. Exit codes: 0 success, 1 a job failed,
+//! 2 invalid config or command line, 3 the job is held by another pgtide.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::{self, Config, JobSpec, Mode};
+use crate::job::{Context, JobError};
+use crate::state::Store;
+use crate::telemetry::LogFormat;
+use crate::{sink, view};
+
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_INVALID: i32 = 2;
+pub const EXIT_LOCKED: i32 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgtide",
+    version,
+    about = "Keeps analytical views in a PostgreSQL warehouse fresh from PostgreSQL sources"
+)]
+pub struct Cli {
+    /// The instance file (default: $PGTIDE_CONFIG, else ./pgtide.toml)
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config, connect, verify source tables, columns and the targets
+    Check { jobs: Vec<String> },
+    /// Run the jobs (default: all) until they are caught up, then exit
+    RunOnce { jobs: Vec<String> },
+    /// Per job: mode, watermark, last run, rows waiting
+    Status {
+        #[arg(long)]
+        json: bool,
+        jobs: Vec<String>,
+    },
+    /// Reload the view rows whose watermark lies in (from, to], leaving the stored watermark alone
+    Replay {
+        job: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Set the stored watermark to V (default: the beginning)
+    Reset {
+        job: String,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Start a throwaway PostgreSQL, fill a sample shop, run the example jobs, show the result
+    Demo,
+}
+
+/// A failure of a command, with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    fn invalid(message: impl Into<String>) -> Failure {
+        Failure {
+            code: EXIT_INVALID,
+            message: message.into(),
+        }
+    }
+    fn failed(message: impl Into<String>) -> Failure {
+        Failure {
+            code: EXIT_FAILED,
+            message: message.into(),
+        }
+    }
+    fn job(name: &str, e: &JobError) -> Failure {
+        let code = match e {
+            JobError::Locked => EXIT_LOCKED,
+            JobError::Input(_) => EXIT_INVALID,
+            _ => EXIT_FAILED,
+        };
+        Failure {
+            code,
+            message: format!("job {name}: {e}"),
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Demo => crate::demo::run().await.map_err(Failure::failed),
+        command => match load(cli.config.as_deref()) {
+            Ok(config) => dispatch(command, config).await,
+            Err(f) => Err(f),
+        },
+    };
+    match result {
+        Ok(()) => 0,
+        Err(f) => {
+            eprintln!("pgtide: {}", f.message);
+            f.code
+        }
+    }
+}
+
+fn load(flag: Option<&std::path::Path>) -> Result<Arc<Config>, Failure> {
+    let path = config::config_path(flag);
+    config::load(&path)
+        .map(Arc::new)
+        .map_err(|e| Failure::invalid(e.to_string()))
+}
+
+async fn dispatch(command: Command, config: Arc<Config>) -> Result<(), Failure> {
+    let store = Store::open(&config.state_path).map_err(|e| Failure::failed(e.to_string()))?;
+    let ctx = Context {
+        config: config.clone(),
+        store,
+    };
+    match command {
+        Command::Check { jobs } => check(&ctx, &select(&config, &jobs)?).await,
+        Command::RunOnce { jobs } => run_once(&ctx, &select(&config, &jobs)?).await,
+        Command::Status { json, jobs } => status(&ctx, &select(&config, &jobs)?, json).await,
+        Command::Replay {
+            job,
+            from,
+            to,
+            dry_run,
+        } => {
+            let job = one(&config, &job)?;
+            let from = from.map(|v| parse_value(&v, "--from")).transpose()?;
+            let to = to.map(|v| parse_value(&v, "--to")).transpose()?;
+            let s = ctx
+                .replay(&job, from, to, dry_run)
+                .await
+                .map_err(|e| Failure::job(&job.name, &e))?;
+            if dry_run {
+                println!("job {}: replay would read {} source rows", job.name, s.rows);
+            } else {
+                println!(
+                    "job {}: replayed {} rows ({} changed) in {} batches",
+                    job.name, s.rows, s.changed, s.batches
+                );
+            }
+            Ok(())
+        }
+        Command::Reset { job, to } => {
+            let job = one(&config, &job)?;
+            let to = to.map(|v| parse_value(&v, "--to")).transpose()?;
+            let pos = ctx
+                .reset(&job, to)
+                .await
+                .map_err(|e| Failure::job(&job.name, &e))?;
+            match pos.watermark {
+                Some(w) => println!("job {}: watermark set to {}", job.name, w.join(", ")),
+                None => println!("job {}: watermark reset to the beginning", job.name),
+            }
+            Ok(())
+        }
+        Command::Demo => unreachable!("handled before loading the config"),
+    }
+}
+
+fn select(config: &Config, names: &[String]) -> Result<Vec<Arc<JobSpec>>, Failure> {
+    if names.is_empty() {
+        return Ok(config.jobs.clone());
+    }
+    names.iter().map(|n| one(config, n)).collect()
+}
+
+fn one(config: &Config, name: &str) -> Result<Arc<JobSpec>, Failure> {
+    config
+        .jobs
+        .iter()
+        .find(|j| j.name == name)
+        .cloned()
+        .ok_or_else(|| {
+            let known: Vec<&str> = config.jobs.iter().map(|j| j.name.as_str()).collect();
+            Failure::invalid(format!(
+                "unknown job {name:?} (jobs in {}: {})",
+                config.jobs_dir.display(),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ))
+        })
+}
+
+/// A watermark value from the command line: one value as text, or a JSON array for a
+/// composite watermark.
+pub fn parse_value(v: &str, flag: &str) -> Result<Vec<String>, Failure> {
+    if !v.trim_start().starts_with('[') {
+        return Ok(vec![v.to_string()]);
+    }
+    let items: Vec<serde_json::Value> = serde_json::from_str(v)
+        .map_err(|e| Failure::invalid(format!("{flag}: {v:?} is not a JSON array: {e}")))?;
+    items
+        .into_iter()
+        .map(|i| match i {
+            serde_json::Value::String(s) => Ok(s),
+            serde_json::Value::Number(n) => Ok(n.to_string()),
+            serde_json::Value::Bool(b) => Ok(b.to_string()),
+            other => Err(Failure::invalid(format!(
+                "{flag}: {other} is not a watermark value"
+            ))),
+        })
+        .collect()
+}
+
+async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
+    let mut problems = Vec::new();
+    let mut unreachable = Vec::new();
+    for job in jobs {
+        let source = match ctx.connect_source(job).await {
+            Ok(c) => c,
+            Err(e) => {
+                unreachable.push(format!("job {}: {e}", job.name));
+                continue;
+            }
+        };
+        let view = match view::resolve(&source, job).await {
+            Ok(v) => v,
+            Err(view::ViewError::Problems(p)) => {
+                problems.extend(
+                    p.into_iter()
+                        .map(|m| format!("{}: {m}", job.file.display())),
+                );
+                continue;
+            }
+            Err(e) => {
+                unreachable.push(format!("job {}: {e}", job.name));
+                continue;
+            }
+        };
+        let mut dwh = match ctx.connect_dwh(job).await {
+            Ok(c) => c,
+            Err(e) => {
+                unreachable.push(format!("job {}: {e}", job.name));
+                continue;
+            }
+        };
+        match sink::check_target(&mut dwh, &view).await {
+            Ok(p) if p.is_empty() => {
+                println!("ok   {} ({} -> {})", job.name, job.from.name, job.target)
+            }
+            Ok(p) => problems.extend(
+                p.into_iter()
+                    .map(|m| format!("{}: target {}: {m}", job.file.display(), job.target)),
+            ),
+            Err(e) => unreachable.push(format!("job {}: {e}", job.name)),
+        }
+    }
+    if !problems.is_empty() {
+        let mut m = format!("{} problem(s):", problems.len() + unreachable.len());
+        for p in problems.iter().chain(&unreachable) {
+            m.push_str(&format!("\n  {p}"));
+        }
+        return Err(Failure::invalid(m));
+    }
+    if !unreachable.is_empty() {
+        return Err(Failure::failed(unreachable.join("\n  ")));
+    }
+    Ok(())
+}
+
+async fn run_once(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
+    let mut failures = Vec::new();
+    for job in jobs {
+        match ctx.run_once(job).await {
+            Ok(s) => println!(
+                "job {}: {} rows read, {} changed, {} batches{}",
+                job.name,
+                s.rows,
+                s.changed,
+                s.batches,
+                if s.rechecked > 0 {
+                    format!(" ({} late rows found by recheck)", s.rechecked)
+                } else {
+                    String::new()
+                }
+            ),
+            Err(e) => {
+                let f = Failure::job(&job.name, &e);
+                tracing::error!(job = %job.name, error = %e, "run failed");
+                failures.push(f);
+            }
+        }
+    }
+    match failures.len() {
+        0 => Ok(()),
+        _ => {
+            // Locked only when every failure is a lock held elsewhere.
+            let code = if failures.iter().all(|f| f.code == EXIT_LOCKED) {
+                EXIT_LOCKED
+            } else {
+                failures
+                    .iter()
+                    .map(|f| f.code)
+                    .find(|c| *c != EXIT_LOCKED)
+                    .unwrap_or(EXIT_FAILED)
+            };
+            let message = failures
+                .into_iter()
+                .map(|f| f.message)
+                .collect::<Vec<_>>()
+                .join("\n");
+            Err(Failure { code, message })
+        }
+    }
+}
+
+async fn status(ctx: &Context, jobs: &[Arc<JobSpec>], as_json: bool) -> Result<(), Failure> {
+    let mut out = Vec::new();
+    for job in jobs {
+        let err = |e: crate::state::StateError| Failure::failed(e.to_string());
+        let pos = ctx.store.position(&job.name).await.map_err(err)?;
+        let last = ctx.store.last_run(&job.name).await.map_err(err)?;
+        let waiting = match job.mode {
+            Mode::Poll => match ctx.waiting(job, pos.as_ref()).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(job = %job.name, error = %e, "cannot count waiting rows");
+                    None
+                }
+            },
+            Mode::Notify => None,
+        };
+        out.push(json!({
+            "job": job.name,
+            "mode": job.mode.as_str(),
+            "watermark": pos.as_ref().and_then(|p| p.watermark.clone()),
+            "open_windows": pos.as_ref().map_or(0, |p| p.windows.len()),
+            "waiting": waiting,
+            "last_run": last,
+        }));
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<6} {:<32} {:>9}  LAST RUN",
+        "JOB", "MODE", "WATERMARK", "WAITING"
+    );
+    for (job, v) in jobs.iter().zip(&out) {
+        let wm = v["watermark"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_else(|| "-".into());
+        let waiting = v["waiting"]
+            .as_i64()
+            .map_or("?".to_string(), |n| n.to_string());
+        let last = match &v["last_run"] {
+            serde_json::Value::Null => "never".to_string(),
+            r => format!(
+                "{} {} rows, started {}{}",
+                r["outcome"].as_str().unwrap_or(""),
+                r["rows"],
+                r["started_at"].as_str().unwrap_or(""),
+                r["error"]
+                    .as_str()
+                    .map(|e| format!("\n{:>71}error: {e}", ""))
+                    .unwrap_or_default()
+            ),
+        };
+        println!(
+            "{:<20} {:<6} {:<32} {:>9}  {last}",
+            job.name,
+            job.mode.as_str(),
+            wm,
+            waiting
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_values_from_the_command_line() {
+        assert_eq!(parse_value("1500", "--to").unwrap(), vec!["1500"]);
+        assert_eq!(
+            parse_value(r#"["2025-01-31 12:00:00+00", 1500]"#, "--to").unwrap(),
+            vec!["2025-01-31 12:00:00+00", "1500"]
+        );
+        let e = parse_value("[1, {}]", "--from").unwrap_err();
+        assert_eq!(e.code, EXIT_INVALID);
+        assert!(e.message.starts_with("--from:"), "{}", e.message);
+    }
+}

@@ -1,0 +1,201 @@
+//! A throwaway PostgreSQL cluster from the local binaries, for `pgtide demo` and the tests:
+//! `initdb` into a temporary directory, a free port on 127.0.0.1, trust authentication.
+//! As root, the server runs as the `postgres` user (PostgreSQL refuses to run as root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    as_postgres: bool,
+}
+
+/// The directory holding `initdb`, `pg_ctl` and `postgres`: Debian's newest
+/// `/usr/lib/postgresql/N/bin`, else wherever `pg_config --bindir` or `PATH` says.
+pub fn find_bin() -> Result<PathBuf, String> {
+    if let Ok(dir) = std::env::var("PGTIDE_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut debian: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    debian.sort();
+    if let Some((_, bin)) = debian.pop() {
+        return Ok(bin);
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        if dir.join("initdb").exists() && dir.join("postgres").exists() {
+            return Ok(dir);
+        }
+    }
+    Err(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: install Debian's \
+         postgresql package (apt-get install postgresql) or set PGTIDE_PG_BIN"
+            .into(),
+    )
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+impl Cluster {
+    /// Create and start a cluster; it is stopped and removed when dropped.
+    pub fn start() -> Result<Cluster, String> {
+        let bin = find_bin()?;
+        let as_postgres = unsafe { libc::geteuid() } == 0;
+        let dir = tempfile::Builder::new()
+            .prefix("pgtide-pg-")
+            .tempdir()
+            .map_err(|e| format!("temporary directory: {e}"))?;
+        if as_postgres {
+            run(Command::new("chown").arg("postgres:").arg(dir.path()))?;
+        }
+        let port = free_port()?;
+        let cluster = Cluster {
+            dir,
+            bin,
+            port,
+            as_postgres,
+        };
+        cluster.pg(
+            "initdb",
+            &[
+                "-D",
+                &cluster.data(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        )?;
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=300 -c shared_buffers=256MB",
+            cluster.dir.path().display()
+        );
+        let log = cluster.dir.path().join("server.log");
+        cluster.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &cluster.data(),
+                "-l",
+                &log.to_string_lossy(),
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )?;
+        Ok(cluster)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").to_string_lossy().into_owned()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) -> Result<(), String> {
+        let exe = self.bin.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        cmd.args(args).current_dir(self.dir.path());
+        run(&mut cmd)
+    }
+
+    /// A URL for database `db` as the superuser `postgres`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Stop the server at once (the data is thrown away anyway).
+    pub fn stop(&self) {
+        let _ = self.pg(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+
+    /// Stop the server, keeping its files.
+    pub fn pause(&self) -> Result<(), String> {
+        self.pg("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])
+    }
+
+    /// Start a paused server again on the same port.
+    pub fn resume(&self) -> Result<(), String> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=300",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log");
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &log.to_string_lossy(),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} failed: {}{}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}

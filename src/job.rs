@@ -1,0 +1,434 @@
+//! One run of a job: read the position, fetch a batch, write it in one DWH transaction
+//! together with the new position, then record the position locally. Repeat until caught up.
+//!
+//! Progress moves only after the DWH commit, and never backwards. The DWH's copy of the
+//! position is the truth: a SQLite file that is lost, stale or ahead of a restored DWH is
+//! overwritten from it at the start of the run.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::Client;
+
+use crate::config::{Config, JobSpec};
+use crate::pg::{self, PgError, Retry};
+use crate::position::Position;
+use crate::sink::{self, SinkError};
+use crate::source;
+use crate::state::{StateError, Store};
+use crate::view::sql::RangeRef;
+use crate::view::{self, View, ViewError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("is already running elsewhere (another pgtide holds its lock)")]
+    Locked,
+    #[error("{0}")]
+    Connect(#[from] PgError),
+    #[error("source: {}", pg::message(.0))]
+    Source(#[source] tokio_postgres::Error),
+    #[error("view: {0}")]
+    View(#[from] ViewError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A value given on the command line that the job cannot use.
+    #[error("{0}")]
+    Input(String),
+}
+
+impl JobError {
+    /// Whether retrying later can succeed (connection trouble, server restarts).
+    pub fn retry(&self) -> Retry {
+        match self {
+            JobError::Connect(PgError::Connect { source, .. }) => pg::classify(source),
+            JobError::Source(e)
+            | JobError::Sink(SinkError::Db(e))
+            | JobError::View(ViewError::Db(e)) => pg::classify(e),
+            _ => Retry::Permanent,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// View rows read from the source and applied.
+    pub rows: u64,
+    /// Rows the DWH inserted or changed (unchanged rows are not rewritten).
+    pub changed: u64,
+    pub batches: u64,
+    /// Rows found again by rechecking open windows.
+    pub rechecked: u64,
+}
+
+/// Everything a job run needs besides the job.
+#[derive(Clone)]
+pub struct Context {
+    pub config: Arc<Config>,
+    pub store: Store,
+}
+
+/// Connections of one run, the DWH one holding the job's lock.
+struct Session {
+    source: Client,
+    dwh: Client,
+    view: View,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Context {
+    fn application(job: &JobSpec) -> String {
+        format!("pgtide:{}", job.name)
+    }
+
+    pub async fn connect_source(&self, job: &JobSpec) -> Result<Client, JobError> {
+        let url = &self.config.sources[&job.source];
+        Ok(pg::connect(
+            url,
+            &Self::application(job),
+            &format!("source {}", job.source),
+        )
+        .await?)
+    }
+
+    pub async fn connect_dwh(&self, job: &JobSpec) -> Result<Client, JobError> {
+        Ok(pg::connect(&self.config.dwh.url, &Self::application(job), "dwh").await?)
+    }
+
+    /// Connect both sides, take the job's lock, resolve the view and prepare the target.
+    async fn open(&self, job: &Arc<JobSpec>) -> Result<Session, JobError> {
+        let mut dwh = self.connect_dwh(job).await?;
+        if !sink::try_lock(&dwh, &job.name).await? {
+            return Err(JobError::Locked);
+        }
+        let source = self.connect_source(job).await?;
+        let view = view::resolve(&source, job).await?;
+        sink::ensure_control(&mut dwh).await?;
+        sink::ensure_target(&mut dwh, &view).await?;
+        sink::create_staging(&dwh, &view).await?;
+        Ok(Session { source, dwh, view })
+    }
+
+    /// The position to continue from: the DWH's copy wins over SQLite whenever they differ.
+    async fn position(&self, s: &Session) -> Result<Position, JobError> {
+        let name = &s.view.job.name;
+        let local = self.store.position(name).await?;
+        let remote = sink::read_position(&s.dwh, name).await?;
+        let pos = remote.clone().unwrap_or_default();
+        if local.as_ref() != remote.as_ref() {
+            match (&local, &remote) {
+                (None, Some(r)) => {
+                    tracing::warn!(job = %name, seq = r.seq, "state store has no position for this job; recovered it from the dwh")
+                }
+                (Some(l), Some(r)) if l.seq < r.seq => {
+                    tracing::warn!(job = %name, local_seq = l.seq, dwh_seq = r.seq, "state store was behind the dwh; recovered the position from the dwh")
+                }
+                (Some(l), Some(r)) => {
+                    tracing::warn!(job = %name, local_seq = l.seq, dwh_seq = r.seq, "state store is ahead of the dwh (was the dwh restored?); continuing from the dwh's position")
+                }
+                (Some(l), None) => {
+                    tracing::warn!(job = %name, local_seq = l.seq, "the dwh has no position for this job (was it restored or its control table dropped?); loading from the beginning")
+                }
+                (None, None) => {}
+            }
+            self.store.overwrite(name, &pos).await?;
+        }
+        Ok(pos)
+    }
+
+    /// Run the job until it is caught up, recording the run in the state store.
+    pub async fn run_once(&self, job: &Arc<JobSpec>) -> Result<RunSummary, JobError> {
+        let mut session = self.open(job).await?;
+        let run = self.store.start_run(&job.name).await?;
+        let mut summary = RunSummary::default();
+        let result = self.catch_up(&mut session, run, &mut summary).await;
+        let error = result
+            .as_ref()
+            .err()
+            .map(|e| format!("job {}: {e}", job.name));
+        self.store
+            .finish_run(run, summary.rows as i64, error)
+            .await?;
+        result.map(|()| summary)
+    }
+
+    async fn catch_up(
+        &self,
+        s: &mut Session,
+        run: i64,
+        summary: &mut RunSummary,
+    ) -> Result<(), JobError> {
+        let job = s.view.job.clone();
+        let started = Instant::now();
+        let mut pos = self.position(s).await?;
+        if !pos.windows.is_empty() {
+            let (rows, dropped) = self.recheck(s, &mut pos).await?;
+            summary.rechecked = rows;
+            summary.rows += rows;
+            tracing::debug!(job = %job.name, rows, settled = dropped, open = pos.windows.len(), "rechecked windows");
+        }
+        loop {
+            let t = Instant::now();
+            let Some((rows, changed)) = self.batch(s, &mut pos, summary.batches > 0).await? else {
+                break;
+            };
+            summary.rows += rows;
+            summary.changed += changed;
+            summary.batches += 1;
+            self.store.progress_run(run, summary.rows as i64).await?;
+            tracing::debug!(job = %job.name, rows, changed, ms = t.elapsed().as_millis() as u64, "batch committed");
+        }
+        tracing::info!(
+            job = %job.name,
+            rows = summary.rows,
+            changed = summary.changed,
+            batches = summary.batches,
+            ms = started.elapsed().as_millis() as u64,
+            "caught up"
+        );
+        Ok(())
+    }
+
+    /// Read and apply the next batch past the watermark; `None` when there is none.
+    async fn batch(
+        &self,
+        s: &mut Session,
+        pos: &mut Position,
+        merge: bool,
+    ) -> Result<Option<(u64, u64)>, JobError> {
+        let view = &s.view;
+        let (tx, snap) = source::begin(&mut s.source)
+            .await
+            .map_err(JobError::Source)?;
+        let lo = pos.watermark.clone();
+        let hi = source::batch_bound(&tx, view, lo.as_deref(), None, view.job.batch_size)
+            .await
+            .map_err(JobError::Source)?;
+        let Some(hi) = hi else { return Ok(None) };
+        let range = RangeRef {
+            prefix: "b".into(),
+            has_lo: lo.is_some(),
+            has_hi: true,
+            recheck: false,
+        };
+        let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
+        let mut next = pos.clone();
+        next.advance(hi, &snap, now_secs(), merge);
+        let (rows, changed) =
+            transfer(&tx, &mut s.dwh, view, &[range], settings, Some(&next)).await?;
+        drop(tx);
+        *pos = next;
+        self.store.advance(&view.job.name, pos).await?;
+        Ok(Some((rows, changed)))
+    }
+
+    /// Re-read rows of open windows written by transactions the windows' snapshots could not
+    /// see, then close the windows that this snapshot settles.
+    async fn recheck(&self, s: &mut Session, pos: &mut Position) -> Result<(u64, usize), JobError> {
+        let view = &s.view;
+        let (tx, snap) = source::begin(&mut s.source)
+            .await
+            .map_err(JobError::Source)?;
+        let mut ranges = Vec::new();
+        let mut settings = Vec::new();
+        for (i, w) in pos.windows.iter().enumerate() {
+            let prefix = format!("w{i}");
+            ranges.push(RangeRef {
+                prefix: prefix.clone(),
+                has_lo: w.lo.is_some(),
+                has_hi: true,
+                recheck: true,
+            });
+            settings.extend(source::range_settings(
+                &prefix,
+                w.lo.as_deref(),
+                Some(&w.hi),
+            ));
+            settings.push(view::Setting {
+                name: format!("{prefix}xip"),
+                value: w.xip_literal(),
+            });
+            settings.push(view::Setting {
+                name: format!("{prefix}xmax"),
+                value: w.xmax_xid(),
+            });
+        }
+        let mut next = pos.clone();
+        let dropped = next.settle(&snap, now_secs());
+        let (rows, _) = transfer(
+            &tx,
+            &mut s.dwh,
+            view,
+            &ranges,
+            settings,
+            (dropped > 0).then_some(&next),
+        )
+        .await?;
+        drop(tx);
+        if dropped > 0 {
+            *pos = next;
+            self.store.advance(&view.job.name, pos).await?;
+        }
+        Ok((rows, dropped))
+    }
+
+    /// Reload the view rows whose cursor lies in `(from, to]`, leaving the position alone.
+    /// With `dry_run`, only count the main-table rows that would be read.
+    pub async fn replay(
+        &self,
+        job: &Arc<JobSpec>,
+        from: Option<Vec<String>>,
+        to: Option<Vec<String>>,
+        dry_run: bool,
+    ) -> Result<RunSummary, JobError> {
+        let mut s = self.open(job).await?;
+        let from = self.normalize(&s, from, "--from").await?;
+        let to = self.normalize(&s, to, "--to").await?;
+        let mut summary = RunSummary::default();
+        if dry_run {
+            summary.rows = source::count(&s.source, &s.view, from.as_deref(), to.as_deref())
+                .await
+                .map_err(JobError::Source)? as u64;
+            return Ok(summary);
+        }
+        let run = self.store.start_run(&job.name).await?;
+        let result = async {
+            let mut lo = from;
+            loop {
+                let (tx, _) = source::begin(&mut s.source)
+                    .await
+                    .map_err(JobError::Source)?;
+                let hi =
+                    source::batch_bound(&tx, &s.view, lo.as_deref(), to.as_deref(), job.batch_size)
+                        .await
+                        .map_err(JobError::Source)?;
+                let Some(hi) = hi else { break };
+                let range = RangeRef {
+                    prefix: "b".into(),
+                    has_lo: lo.is_some(),
+                    has_hi: true,
+                    recheck: false,
+                };
+                let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
+                let (rows, changed) =
+                    transfer(&tx, &mut s.dwh, &s.view, &[range], settings, None).await?;
+                summary.rows += rows;
+                summary.changed += changed;
+                summary.batches += 1;
+                self.store.progress_run(run, summary.rows as i64).await?;
+                lo = Some(hi);
+            }
+            Ok(())
+        }
+        .await;
+        let error = result
+            .as_ref()
+            .err()
+            .map(|e: &JobError| format!("job {} (replay): {e}", job.name));
+        self.store
+            .finish_run(run, summary.rows as i64, error)
+            .await?;
+        result.map(|()| summary)
+    }
+
+    /// Set the stored watermark to `to` (the beginning when `None`), in the DWH and locally.
+    pub async fn reset(
+        &self,
+        job: &Arc<JobSpec>,
+        to: Option<Vec<String>>,
+    ) -> Result<Position, JobError> {
+        let mut s = self.open(job).await?;
+        let to = self.normalize(&s, to, "--to").await?;
+        let local = self.store.position(&job.name).await?.map_or(0, |p| p.seq);
+        let remote = sink::read_position(&s.dwh, &job.name)
+            .await?
+            .map_or(0, |p| p.seq);
+        let pos = Position {
+            watermark: to,
+            windows: Vec::new(),
+            seq: local.max(remote) + 1,
+        };
+        let tx = s.dwh.transaction().await.map_err(SinkError::from)?;
+        sink::write_position(&tx, &job.name, &pos).await?;
+        tx.commit().await.map_err(SinkError::from)?;
+        self.store.overwrite(&job.name, &pos).await?;
+        Ok(pos)
+    }
+
+    async fn normalize(
+        &self,
+        s: &Session,
+        v: Option<Vec<String>>,
+        flag: &str,
+    ) -> Result<Option<Vec<String>>, JobError> {
+        match v {
+            None => Ok(None),
+            Some(v) => source::normalize(&s.source, &s.view, &v)
+                .await
+                .map(Some)
+                .map_err(|m| JobError::Input(format!("{flag}: {m}"))),
+        }
+    }
+
+    /// Source rows past the stored watermark, for `status`.
+    pub async fn waiting(
+        &self,
+        job: &Arc<JobSpec>,
+        pos: Option<&Position>,
+    ) -> Result<i64, JobError> {
+        let source = self.connect_source(job).await?;
+        let view = view::resolve(&source, job).await?;
+        let wm = pos.and_then(|p| p.watermark.clone());
+        source::count(&source, &view, wm.as_deref(), None)
+            .await
+            .map_err(JobError::Source)
+    }
+}
+
+/// Stream the view rows of `ranges` from the source transaction into the DWH staging table
+/// and upsert them, writing `position` in the same DWH transaction. Returns (rows read, rows
+/// changed).
+async fn transfer(
+    source_tx: &tokio_postgres::Transaction<'_>,
+    dwh: &mut Client,
+    view: &View,
+    ranges: &[RangeRef],
+    settings: Vec<view::Setting>,
+    position: Option<&Position>,
+) -> Result<(u64, u64), JobError> {
+    let tx = dwh.transaction().await.map_err(SinkError::from)?;
+    let out = source::copy_out(source_tx, view, ranges, settings)
+        .await
+        .map_err(JobError::Source)?;
+    let sink_stmt = sink::copy_in_sql(view);
+    let copy_in = tx
+        .copy_in::<_, bytes::Bytes>(sink_stmt.as_str())
+        .await
+        .map_err(SinkError::from)?;
+    futures_util::pin_mut!(out);
+    futures_util::pin_mut!(copy_in);
+    while let Some(chunk) = out.next().await {
+        let chunk = chunk.map_err(JobError::Source)?;
+        copy_in.feed(chunk).await.map_err(SinkError::from)?;
+    }
+    let rows = copy_in.as_mut().finish().await.map_err(SinkError::from)?;
+    let changed = if rows > 0 {
+        sink::upsert(&tx, view).await?
+    } else {
+        0
+    };
+    if let Some(p) = position {
+        sink::write_position(&tx, &view.job.name, p).await?;
+    }
+    tx.commit().await.map_err(SinkError::from)?;
+    Ok((rows, changed))
+}

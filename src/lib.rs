@@ -1,0 +1,27 @@
+//! pgtide keeps analytical views in a PostgreSQL warehouse (DWH) fresh from PostgreSQL OLTP
+//! sources, without Kafka.
+//!
+//! - `config`: `pgtide.toml` and `jobs/*.toml`, parsed raw then validated, every problem listed.
+//! - `view`: a job resolved against the source catalog, and the SQL that reads it.
+//! - `source`: snapshot-consistent keyset reads of the source, streamed out as binary COPY.
+//! - `sink`: the DWH target table, staging COPY, set-based upsert, job locks, control table.
+//! - `position`: watermarks and the recheck windows that keep them exact.
+//! - `state`: the local SQLite store of positions and runs.
+//! - `job`: one run of a job, batch by batch.
+//! - `pg`: connections, quoting, secret-free messages, error classification.
+//! - `cluster`: a throwaway local PostgreSQL (for `demo` and the tests).
+//! - `demo`: the `pgtide demo` command.
+//! - `cli`: the command line; `telemetry`: logging.
+
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod job;
+pub mod pg;
+pub mod position;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod telemetry;
+pub mod view;

@@ -1,0 +1,463 @@
+//! The DWH side: the target table (created, evolved, checked), the staging table that COPY
+//! fills, the set-based upsert, the per-job lock and the control table holding each job's
+//! position in the same transaction as its rows.
+
+use std::collections::HashMap;
+
+use tokio_postgres::{Client, Transaction};
+
+use crate::config::QualifiedName;
+use crate::pg::{self, quote_ident, quote_qualified};
+use crate::position::Position;
+use crate::view::View;
+
+/// Schema of pgtide's own tables in the DWH.
+pub const CONTROL_SCHEMA: &str = "pgtide";
+/// Session-local staging table the COPY writes into.
+pub const STAGE: &str = "_pgtide_stage";
+pub const LOADED_AT: &str = "_pgtide_loaded_at";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("dwh: {}", pg::message(.0))]
+    Db(#[from] tokio_postgres::Error),
+    /// The target exists in a shape the job cannot write to.
+    #[error("target {table}: {message}")]
+    Target { table: String, message: String },
+    /// A batch the target cannot take as it is (bad keys).
+    #[error("{0}")]
+    Data(String),
+}
+
+/// Try to take the job's lock for this session; `false` when another session holds it.
+pub async fn try_lock(client: &Client, job: &str) -> Result<bool, SinkError> {
+    let row = client
+        .query_one(
+            "select pg_try_advisory_lock(hashtextextended('pgtide job ' || $1, 0))",
+            &[&job],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Create the control schema and table if missing (serialized, so two processes starting at
+/// once do not trip over each other's `create`).
+pub async fn ensure_control(client: &mut Client) -> Result<(), SinkError> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "select pg_advisory_xact_lock(hashtextextended('pgtide control', 0))",
+        &[],
+    )
+    .await?;
+    tx.batch_execute(&format!(
+        "create schema if not exists {s};
+         create table if not exists {s}.positions (
+             job text primary key,
+             position jsonb not null,
+             seq bigint not null,
+             updated_at timestamptz not null default now()
+         )",
+        s = quote_ident(CONTROL_SCHEMA)
+    ))
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn read_position(client: &Client, job: &str) -> Result<Option<Position>, SinkError> {
+    let q = format!(
+        "select position::text from {}.positions where job = $1",
+        quote_ident(CONTROL_SCHEMA)
+    );
+    let row = client.query_opt(&q, &[&job]).await?;
+    match row {
+        None => Ok(None),
+        Some(r) => {
+            let text: String = r.get(0);
+            serde_json::from_str(&text).map(Some).map_err(|e| {
+                SinkError::Data(format!(
+                    "control table position of job {job} is unreadable: {e}"
+                ))
+            })
+        }
+    }
+}
+
+/// Store the position in the transaction that also holds the batch's rows.
+pub async fn write_position(
+    tx: &Transaction<'_>,
+    job: &str,
+    pos: &Position,
+) -> Result<(), SinkError> {
+    let q = format!(
+        "insert into {}.positions (job, position, seq, updated_at) values ($1, $2::text::jsonb, $3, now())
+         on conflict (job) do update set position = excluded.position, seq = excluded.seq, updated_at = now()",
+        quote_ident(CONTROL_SCHEMA)
+    );
+    let text = serde_json::to_string(pos).expect("position serializes");
+    tx.execute(&q, &[&job, &text, &pos.seq]).await?;
+    Ok(())
+}
+
+/// What the target needs before the view can be written into it.
+struct TargetPlan {
+    /// DDL to run: a `create table`, or an `alter table ... add column ...`.
+    ddl: Option<String>,
+    /// Incompatibilities; when any, nothing is changed.
+    problems: Vec<String>,
+}
+
+async fn plan_target(tx: &Transaction<'_>, view: &View) -> Result<TargetPlan, SinkError> {
+    let target = &view.job.target;
+    let quoted = quote_qualified(&target.schema, &target.name);
+    let Some(existing) = target_columns(tx, target).await? else {
+        let mut cols: Vec<String> = view
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", quote_ident(&c.name), c.target_type))
+            .collect();
+        cols.push(format!(
+            "{} timestamptz not null default now()",
+            quote_ident(LOADED_AT)
+        ));
+        let key: Vec<String> = view.job.key.iter().map(|k| quote_ident(k)).collect();
+        let ddl = format!(
+            "create schema if not exists {}; create table if not exists {quoted} ({}, primary key ({}))",
+            quote_ident(&target.schema),
+            cols.join(", "),
+            key.join(", ")
+        );
+        return Ok(TargetPlan {
+            ddl: Some(ddl),
+            problems: Vec::new(),
+        });
+    };
+    let mut problems = Vec::new();
+    let mut additions = Vec::new();
+    for c in &view.columns {
+        let Some(ours) = type_oid(tx, &c.target_type).await? else {
+            problems.push(format!(
+                "column {}: type {} does not exist in the dwh",
+                c.name, c.target_type
+            ));
+            continue;
+        };
+        match existing.get(&c.name) {
+            None => additions.push(format!("add column {} {}", quote_ident(&c.name), c.target_type)),
+            Some((oid, shown)) if *oid != ours && !assignable(tx, ours, *oid).await? => problems.push(format!(
+                "column {} is {shown} in the target but the view gives {}; change the type in the job or in the target",
+                c.name, c.target_type
+            )),
+            Some(_) => {}
+        }
+    }
+    if !existing.contains_key(LOADED_AT) {
+        additions.push(format!(
+            "add column {} timestamptz not null default now()",
+            quote_ident(LOADED_AT)
+        ));
+    }
+    let mut want = view.job.key.clone();
+    want.sort();
+    if !unique_keys(tx, target).await?.iter().any(|k| k == &want) {
+        problems.push(format!(
+            "has no primary key or unique index on ({}), which the job's key needs",
+            view.job.key.join(", ")
+        ));
+    }
+    let ddl =
+        (!additions.is_empty()).then(|| format!("alter table {quoted} {}", additions.join(", ")));
+    Ok(TargetPlan { ddl, problems })
+}
+
+/// Make sure the target can take the view: create it when missing, add columns the job
+/// gained, refuse incompatible column types and a key that differs. Nothing is changed when
+/// a problem is found.
+pub async fn ensure_target(client: &mut Client, view: &View) -> Result<(), SinkError> {
+    let table = view.job.target.to_string();
+    let tx = client.transaction().await?;
+    let plan = plan_target(&tx, view).await?;
+    if !plan.problems.is_empty() {
+        return Err(SinkError::Target {
+            table,
+            message: plan.problems.join("; "),
+        });
+    }
+    if let Some(ddl) = plan.ddl {
+        tx.batch_execute(&ddl)
+            .await
+            .map_err(|e| SinkError::Target {
+                table: table.clone(),
+                message: pg::message(&e),
+            })?;
+        tracing::info!(job = %view.job.name, table = %table, ddl = %ddl, "changed target table");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The problems `ensure_target` would refuse on, changing nothing (for `check`).
+pub async fn check_target(client: &mut Client, view: &View) -> Result<Vec<String>, SinkError> {
+    let tx = client.transaction().await?;
+    let plan = plan_target(&tx, view).await?;
+    tx.rollback().await?;
+    Ok(plan.problems)
+}
+
+async fn target_columns(
+    tx: &Transaction<'_>,
+    target: &QualifiedName,
+) -> Result<Option<HashMap<String, (u32, String)>>, SinkError> {
+    let exists = tx
+        .query_opt(
+            "select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace
+             where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
+            &[&target.schema, &target.name],
+        )
+        .await?;
+    let Some(row) = exists else { return Ok(None) };
+    let oid: u32 = row.get(0);
+    let rows = tx
+        .query(
+            "select attname, atttypid, format_type(atttypid, atttypmod) from pg_attribute
+             where attrelid = $1 and attnum > 0 and not attisdropped",
+            &[&oid],
+        )
+        .await?;
+    Ok(Some(
+        rows.iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect(),
+    ))
+}
+
+/// Column sets (sorted) of the target's primary key and unique indexes.
+async fn unique_keys(
+    tx: &Transaction<'_>,
+    target: &QualifiedName,
+) -> Result<Vec<Vec<String>>, SinkError> {
+    let rows = tx
+        .query(
+            "select array(select a.attname::text from pg_attribute a
+                          where a.attrelid = i.indrelid and a.attnum = any(i.indkey) order by 1)
+             from pg_index i join pg_class c on c.oid = i.indrelid join pg_namespace n on n.oid = c.relnamespace
+             where n.nspname = $1 and c.relname = $2 and i.indisunique and i.indpred is null and i.indexprs is null",
+            &[&target.schema, &target.name],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+async fn type_oid(tx: &Transaction<'_>, ty: &str) -> Result<Option<u32>, SinkError> {
+    match tx.query_one("select to_regtype($1)::oid", &[&ty]).await {
+        Ok(r) => Ok(r.get::<_, Option<u32>>(0)),
+        Err(e) if e.code().is_some() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether values of type `from` go into a column of type `to` by assignment.
+async fn assignable(tx: &Transaction<'_>, from: u32, to: u32) -> Result<bool, SinkError> {
+    let row = tx
+        .query_one(
+            "select exists (select 1 from pg_cast where castsource = $1 and casttarget = $2 and castcontext in ('i', 'a'))",
+            &[&from, &to],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// (Re)create this session's staging table with the view's column types.
+pub async fn create_staging(client: &Client, view: &View) -> Result<(), SinkError> {
+    let cols: Vec<String> = view
+        .columns
+        .iter()
+        .map(|c| format!("{} {}", quote_ident(&c.name), c.target_type))
+        .collect();
+    client
+        .batch_execute(&format!(
+            "drop table if exists pg_temp.{s}; create temp table {s} ({}) on commit delete rows",
+            cols.join(", "),
+            s = quote_ident(STAGE)
+        ))
+        .await?;
+    Ok(())
+}
+
+/// `copy <staging> (...) from stdin (format binary)`.
+pub fn copy_in_sql(view: &View) -> String {
+    let cols: Vec<String> = view.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    format!(
+        "copy pg_temp.{} ({}) from stdin (format binary)",
+        quote_ident(STAGE),
+        cols.join(", ")
+    )
+}
+
+/// Types without an equality operator: compared as text to find unchanged rows.
+fn compare_as_text(ty: &str) -> bool {
+    let base = ty.trim_end_matches("[]");
+    matches!(
+        base,
+        "json" | "xml" | "point" | "line" | "lseg" | "box" | "path" | "polygon" | "circle"
+    )
+}
+
+/// The upsert from staging into the target: one statement per batch, rows that did not
+/// change are not rewritten.
+pub fn upsert_sql(view: &View) -> String {
+    let target = &view.job.target;
+    let cols: Vec<String> = view.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let key: Vec<String> = view.job.key.iter().map(|k| quote_ident(k)).collect();
+    let rest: Vec<&crate::view::ViewColumn> = view
+        .columns
+        .iter()
+        .filter(|c| !view.job.key.contains(&c.name))
+        .collect();
+    let action = if rest.is_empty() {
+        "nothing".to_string()
+    } else {
+        let sets: Vec<String> = rest
+            .iter()
+            .map(|c| format!("{n} = excluded.{n}", n = quote_ident(&c.name)))
+            .chain(std::iter::once(format!(
+                "{} = now()",
+                quote_ident(LOADED_AT)
+            )))
+            .collect();
+        let side = |prefix: &str| -> String {
+            let v: Vec<String> = rest
+                .iter()
+                .map(|c| {
+                    let e = format!("{prefix}.{}", quote_ident(&c.name));
+                    if compare_as_text(&c.target_type) {
+                        format!("{e}::text")
+                    } else {
+                        e
+                    }
+                })
+                .collect();
+            format!("({})", v.join(", "))
+        };
+        format!(
+            "update set {} where {} is distinct from {}",
+            sets.join(", "),
+            side("t"),
+            side("excluded")
+        )
+    };
+    format!(
+        "insert into {} as t ({c}) select {c} from pg_temp.{} on conflict ({}) do {action}",
+        quote_qualified(&target.schema, &target.name),
+        quote_ident(STAGE),
+        key.join(", "),
+        c = cols.join(", ")
+    )
+}
+
+/// Apply the staged batch; returns the number of rows inserted or changed. A key that is not
+/// unique within the batch, or NULL, is reported with the key values instead of SQLSTATE 21000.
+pub async fn upsert(tx: &Transaction<'_>, view: &View) -> Result<u64, SinkError> {
+    tx.batch_execute("savepoint pgtide_upsert").await?;
+    match tx.execute(upsert_sql(view).as_str(), &[]).await {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            let code = e.code().cloned();
+            tx.batch_execute("rollback to savepoint pgtide_upsert")
+                .await?;
+            let key: Vec<String> = view.job.key.iter().map(|k| quote_ident(k)).collect();
+            let key_list = view.job.key.join(", ");
+            let stage = format!("pg_temp.{}", quote_ident(STAGE));
+            if code == Some(tokio_postgres::error::SqlState::CARDINALITY_VIOLATION) {
+                let q = format!(
+                    "select ({k})::text, count(*) from {stage} group by {k} having count(*) > 1 limit 3",
+                    k = key.join(", ")
+                );
+                let rows = tx.query(&q, &[]).await?;
+                let dups: Vec<String> = rows
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "({key_list})={} appears {} times",
+                            r.get::<_, String>(0),
+                            r.get::<_, i64>(1)
+                        )
+                    })
+                    .collect();
+                return Err(SinkError::Data(format!(
+                    "the view's key is not unique: {} in one batch (does a join match several rows?)",
+                    dups.join(", ")
+                )));
+            }
+            if code == Some(tokio_postgres::error::SqlState::NOT_NULL_VIOLATION) {
+                let nulls: Vec<String> = key.iter().map(|k| format!("{k} is null")).collect();
+                let q = format!(
+                    "select left(row_to_json(s)::text, 300) from {stage} s where {} limit 1",
+                    nulls.join(" or ")
+                );
+                if let Some(r) = tx.query_opt(&q, &[]).await? {
+                    return Err(SinkError::Data(format!(
+                        "a view row has NULL in its key ({key_list}): {}",
+                        r.get::<_, String>(0)
+                    )));
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{parse_job, Problems};
+    use crate::view::ViewColumn;
+
+    fn view(cols: &[(&str, &str)], key: &str) -> View {
+        let text = format!(
+            "interval_secs = 1\nkey = [\"{key}\"]\ntarget = \"dw.T x\"\n[from]\ntable = \"t\"\n{}",
+            cols.iter()
+                .map(|(n, _)| format!("[[column]]\nname = \"{n}\"\nfrom = \"t.{n}\"\n"))
+                .collect::<String>()
+        );
+        let sources = [("s".to_string(), "postgres://x@y/z".to_string())].into();
+        let mut p = Problems::new(Path::new("j.toml"));
+        let job = parse_job(Path::new("j.toml"), &text, &sources, "public", &mut p).expect("valid");
+        View {
+            job: Arc::new(job),
+            columns: cols
+                .iter()
+                .map(|(n, t)| ViewColumn {
+                    name: n.to_string(),
+                    expr: String::new(),
+                    target_type: t.to_string(),
+                })
+                .collect(),
+            cursor: vec![],
+            settings: vec![],
+        }
+    }
+
+    #[test]
+    fn upsert_skips_unchanged_rows_and_compares_json_as_text() {
+        let sql = upsert_sql(&view(
+            &[("id", "bigint"), ("doc", "json"), ("n", "integer")],
+            "id",
+        ));
+        assert_eq!(
+            sql,
+            "insert into \"dw\".\"T x\" as t (\"id\", \"doc\", \"n\") select \"id\", \"doc\", \"n\" from pg_temp.\"_pgtide_stage\" \
+             on conflict (\"id\") do update set \"doc\" = excluded.\"doc\", \"n\" = excluded.\"n\", \"_pgtide_loaded_at\" = now() \
+             where (t.\"doc\"::text, t.\"n\") is distinct from (excluded.\"doc\"::text, excluded.\"n\")"
+        );
+    }
+
+    #[test]
+    fn key_only_views_do_nothing_on_conflict() {
+        assert!(upsert_sql(&view(&[("id", "bigint")], "id"))
+            .ends_with("on conflict (\"id\") do nothing"));
+    }
+}

@@ -1,0 +1,139 @@
+//! The source side of a poll job: snapshot-consistent keyset reads streamed out as COPY.
+//!
+//! Each batch is one `repeatable read, read only` transaction: its first statement records
+//! the snapshot (for the recheck windows of `position`), the second finds the batch's last
+//! cursor value with bound parameters, and the COPY reads the view rows up to it in the same
+//! snapshot. COPY takes no parameters, so the bounds travel as session settings set with
+//! bound parameters and read back by `current_setting`.
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, CopyOutStream, IsolationLevel, Transaction};
+
+use crate::position::Snapshot;
+use crate::view::{resolve::settings_statement, sql, Setting, View};
+
+/// Start a read transaction and record its snapshot.
+pub async fn begin(
+    client: &mut Client,
+) -> Result<(Transaction<'_>, Snapshot), tokio_postgres::Error> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let row = tx
+        .query_one(
+            "select pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
+                    array(select pg_snapshot_xip(s)::text)
+             from (select pg_current_snapshot() as s) x",
+            &[],
+        )
+        .await?;
+    let parse = |s: String| s.parse::<u64>().unwrap_or(0);
+    let snapshot = Snapshot {
+        xmin: parse(row.get(0)),
+        xmax: parse(row.get(1)),
+        xip: row
+            .get::<_, Vec<String>>(2)
+            .into_iter()
+            .map(parse)
+            .collect(),
+    };
+    Ok((tx, snapshot))
+}
+
+/// The last cursor value of the next batch after `lo` (up to `hi`), or `None` when no rows remain.
+pub async fn batch_bound(
+    tx: &Transaction<'_>,
+    view: &View,
+    lo: Option<&[String]>,
+    hi: Option<&[String]>,
+    limit: i64,
+) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
+    let q = sql::batch_bound(view, lo.is_some(), hi.is_some());
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+    for v in lo.into_iter().chain(hi).flatten() {
+        params.push(v);
+    }
+    params.push(&limit);
+    let row = tx.query_opt(&q, &params).await?;
+    Ok(row.map(|r| {
+        (0..view.cursor.len())
+            .map(|i| r.get::<_, String>(i))
+            .collect()
+    }))
+}
+
+/// Count main-table rows in `(lo, hi]`.
+pub async fn count(
+    client: &Client,
+    view: &View,
+    lo: Option<&[String]>,
+    hi: Option<&[String]>,
+) -> Result<i64, tokio_postgres::Error> {
+    let q = sql::count_range(view, lo.is_some(), hi.is_some());
+    let params: Vec<&(dyn ToSql + Sync)> = lo
+        .into_iter()
+        .chain(hi)
+        .flatten()
+        .map(|v| v as &(dyn ToSql + Sync))
+        .collect();
+    Ok(client.query_one(&q, &params).await?.get(0))
+}
+
+/// Settings for a cursor range: `<prefix>lo<i>` and `<prefix>hi<i>`.
+pub fn range_settings(prefix: &str, lo: Option<&[String]>, hi: Option<&[String]>) -> Vec<Setting> {
+    let mut out = Vec::new();
+    for (side, vals) in [("lo", lo), ("hi", hi)] {
+        for (i, v) in vals.into_iter().flatten().enumerate() {
+            out.push(Setting {
+                name: format!("{prefix}{side}{i}"),
+                value: v.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Set the view's own settings plus `extra` for this transaction, then open the COPY.
+pub async fn copy_out(
+    tx: &Transaction<'_>,
+    view: &View,
+    ranges: &[sql::RangeRef],
+    extra: Vec<Setting>,
+) -> Result<CopyOutStream, tokio_postgres::Error> {
+    let mut settings = view.settings.clone();
+    settings.extend(extra);
+    if let Some((q, names, values)) = settings_statement(&settings) {
+        tx.query_one(q.as_str(), &[&names, &values]).await?;
+    }
+    tx.copy_out(sql::copy_out(view, ranges).as_str()).await
+}
+
+/// Cast command-line watermark values on the source, so a bad one is refused before anything
+/// runs; returns them in the source's canonical text form.
+pub async fn normalize(
+    client: &Client,
+    view: &View,
+    values: &[String],
+) -> Result<Vec<String>, String> {
+    if values.len() != view.cursor.len() {
+        let names: Vec<&str> = view.cursor.iter().map(|c| c.name.as_str()).collect();
+        return Err(format!(
+            "the watermark has {} column(s) ({}), the value has {}",
+            names.len(),
+            names.join(", "),
+            values.len()
+        ));
+    }
+    let mut out = Vec::new();
+    for (v, c) in values.iter().zip(&view.cursor) {
+        let q = format!("select ($1::text::{})::text", c.sql_type);
+        match client.query_one(&q, &[v]).await {
+            Ok(row) => out.push(row.get(0)),
+            Err(e) => return Err(format!("{v:?} for {}: {}", c.name, crate::pg::message(&e))),
+        }
+    }
+    Ok(out)
+}

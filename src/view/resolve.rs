@@ -1,0 +1,408 @@
+//! Resolving a job against the source catalog: tables, columns, types, the cursor.
+//!
+//! Names from the config are looked up with bound parameters and only then quoted into SQL,
+//! so a table called `orders"; drop table x; --` is simply not found. This runs at the start
+//! of every run and in `check`, before anything is read: a dropped or retyped source column
+//! stops the job with a message naming table and column.
+
+use std::collections::HashMap;
+
+use tokio_postgres::Client;
+
+use crate::config::{ColumnKind, ColumnRef, JobSpec, TableRef};
+use crate::pg;
+
+use super::sql::{self, SETTING_PREFIX};
+use super::{CursorColumn, Setting, View, ViewColumn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// Everything wrong with the job against the current source schema.
+    #[error("{}", .0.join("; "))]
+    Problems(Vec<String>),
+    #[error("read source catalog: {}", pg::message(.0))]
+    Db(#[source] tokio_postgres::Error),
+}
+
+#[derive(Debug, Clone)]
+struct SourceColumn {
+    /// The source type as SQL.
+    src_type: String,
+    /// The type the value gets in the DWH: builtin types stay, enums and extension types
+    /// become text, domains their base type.
+    target_type: String,
+}
+
+/// Maps a pg_type row `t` (with element type `et`, namespaces `n`, `en`) and a typmod to the
+/// source type and the type pgtide gives the column in the DWH, which may lack the source's
+/// enums, domains and extensions.
+const TYPE_COLUMNS: &str = "format_type(t.oid, TYPMOD) as src,
+    case
+      when t.typtype = 'e' then 'text'
+      when t.typtype = 'd' then format_type(t.typbasetype, t.typtypmod)
+      when t.typcategory = 'A' and (et.typtype = 'e' or en.nspname <> 'pg_catalog') then 'text[]'
+      when t.typcategory <> 'A' and n.nspname <> 'pg_catalog' then 'text'
+      else format_type(t.oid, TYPMOD)
+    end as target";
+
+const TYPE_JOINS: &str = "join pg_namespace n on n.oid = t.typnamespace
+    left join pg_type et on et.oid = t.typelem and t.typcategory = 'A'
+    left join pg_namespace en on en.oid = et.typnamespace";
+
+/// Resolve `job` against the source behind `client`.
+pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<View, ViewError> {
+    let mut problems = Vec::new();
+    let mut tables: HashMap<String, (u32, HashMap<String, SourceColumn>)> = HashMap::new();
+    for t in job.tables() {
+        match table(client, t).await? {
+            Some(found) => {
+                tables.insert(t.alias.clone(), found);
+            }
+            None => problems.push(format!("table {} does not exist in the source", t.name)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ViewError::Problems(problems));
+    }
+    let table_of = |alias: &str| {
+        job.tables()
+            .find(|t| t.alias == alias)
+            .map(|t| t.name.to_string())
+    };
+    let lookup = |r: &ColumnRef| {
+        tables
+            .get(&r.alias)
+            .and_then(|(_, cols)| cols.get(&r.column))
+            .cloned()
+    };
+    let missing = |i: usize, r: &ColumnRef| {
+        format!(
+            "column[{i}] ({}): source column {}.{} does not exist (was it dropped? then mark the column deleted = true)",
+            job.columns[i].name,
+            table_of(&r.alias).unwrap_or_default(),
+            r.column
+        )
+    };
+
+    for c in &job.joins {
+        for (a, b) in &c.on {
+            for r in [a, b] {
+                if lookup(r).is_none() {
+                    problems.push(format!(
+                        "join {}: source column {}.{} does not exist",
+                        c.table.alias,
+                        table_of(&r.alias).unwrap_or_default(),
+                        r.column
+                    ));
+                }
+            }
+        }
+    }
+
+    let mut columns = Vec::new();
+    let mut settings = Vec::new();
+    for (i, c) in job.columns.iter().enumerate() {
+        if let Some(ty) = &c.ty {
+            if let Err(m) = check_type(client, ty).await? {
+                problems.push(format!("column[{i}] ({}): type {ty:?}: {m}", c.name));
+                continue;
+            }
+        }
+        let cast = |expr: String, natural: Option<&SourceColumn>| -> (String, String) {
+            match (&c.ty, natural) {
+                (Some(ty), _) => (format!("({expr})::{ty}"), ty.clone()),
+                (None, Some(n)) if n.target_type != n.src_type => (
+                    format!("({expr})::{}", n.target_type),
+                    n.target_type.clone(),
+                ),
+                (None, Some(n)) => (expr, n.target_type.clone()),
+                (None, None) => (expr, "text".into()),
+            }
+        };
+        let (expr, target_type) = match &c.kind {
+            ColumnKind::Direct(r) => match lookup(r) {
+                Some(col) => cast(sql::column(&r.alias, &r.column), Some(&col)),
+                None => {
+                    problems.push(missing(i, r));
+                    continue;
+                }
+            },
+            ColumnKind::Map { from, map, default } => {
+                if lookup(from).is_none() {
+                    problems.push(missing(i, from));
+                    continue;
+                }
+                let name = format!("map{i}");
+                settings.push(Setting {
+                    name: name.clone(),
+                    value: serde_json::to_string(map).unwrap_or_default(),
+                });
+                let mut e = format!(
+                    "current_setting('{SETTING_PREFIX}{name}')::jsonb ->> ({})::text",
+                    sql::column(&from.alias, &from.column)
+                );
+                if let Some(d) = default {
+                    let dname = format!("mapdefault{i}");
+                    settings.push(Setting {
+                        name: dname.clone(),
+                        value: d.clone(),
+                    });
+                    e = format!("coalesce({e}, current_setting('{SETTING_PREFIX}{dname}'))");
+                }
+                cast(e, None)
+            }
+            ColumnKind::Json { from, path, .. } => {
+                let Some(col) = lookup(from) else {
+                    problems.push(missing(i, from));
+                    continue;
+                };
+                if col.src_type != "jsonb" && col.src_type != "json" {
+                    problems.push(format!(
+                        "column[{i}] ({}): source column {from} is {}, not json or jsonb",
+                        c.name, col.src_type
+                    ));
+                    continue;
+                }
+                let name = format!("path{i}");
+                settings.push(Setting {
+                    name: name.clone(),
+                    value: text_array(path),
+                });
+                cast(
+                    format!(
+                        "({})::jsonb #>> current_setting('{SETTING_PREFIX}{name}')::text[]",
+                        sql::column(&from.alias, &from.column)
+                    ),
+                    None,
+                )
+            }
+            ColumnKind::Sql(expr) => {
+                let natural = match sql_type(client, job, expr).await? {
+                    Ok(t) => t,
+                    Err(m) => {
+                        problems.push(format!("column[{i}] ({}).sql: {m}", c.name));
+                        continue;
+                    }
+                };
+                cast(format!("({expr})"), Some(&natural))
+            }
+            ColumnKind::Deleted { .. } => {
+                let ty = c.ty.clone().unwrap_or_else(|| "text".into());
+                (format!("null::{ty}"), ty)
+            }
+        };
+        columns.push(ViewColumn {
+            name: c.name.clone(),
+            expr,
+            target_type,
+        });
+    }
+
+    let main = &tables[&job.from.alias];
+    let cursor_names = match &job.watermark {
+        Some(w) => w.clone(),
+        None => match primary_key(client, main.0).await? {
+            Some(pk) => vec![pk],
+            None => {
+                problems.push(format!(
+                    "watermark: {} has no single-column primary key; set watermark = [\"column\", ...]",
+                    job.from.name
+                ));
+                Vec::new()
+            }
+        },
+    };
+    let mut cursor = Vec::new();
+    for name in cursor_names {
+        match main.1.get(&name) {
+            Some(col) => cursor.push(CursorColumn {
+                name,
+                sql_type: col.src_type.clone(),
+            }),
+            None => problems.push(format!(
+                "watermark: column {}.{name} does not exist",
+                job.from.name
+            )),
+        }
+    }
+
+    let view = View {
+        job: job.clone(),
+        columns,
+        cursor,
+        settings,
+    };
+    if problems.is_empty() {
+        // The whole query must plan; settings it reads are set for the probe's transaction.
+        if let Err(e) = probe(client, &view).await {
+            problems.push(format!("view query: {}", pg::message(&e)));
+        }
+    }
+    if problems.is_empty() {
+        Ok(view)
+    } else {
+        Err(ViewError::Problems(problems))
+    }
+}
+
+async fn table(
+    client: &Client,
+    t: &TableRef,
+) -> Result<Option<(u32, HashMap<String, SourceColumn>)>, ViewError> {
+    let row = client
+        .query_opt(
+            "select c.oid from pg_class c join pg_namespace ns on ns.oid = c.relnamespace
+             where ns.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p', 'v', 'm', 'f')",
+            &[&t.name.schema, &t.name.name],
+        )
+        .await
+        .map_err(ViewError::Db)?;
+    let Some(row) = row else { return Ok(None) };
+    let oid: u32 = row.get(0);
+    let q = format!(
+        "select a.attname, {} from pg_attribute a join pg_type t on t.oid = a.atttypid {TYPE_JOINS}
+         where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped",
+        TYPE_COLUMNS.replace("TYPMOD", "a.atttypmod")
+    );
+    let rows = client.query(&q, &[&oid]).await.map_err(ViewError::Db)?;
+    let cols = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                SourceColumn {
+                    src_type: r.get(1),
+                    target_type: r.get(2),
+                },
+            )
+        })
+        .collect();
+    Ok(Some((oid, cols)))
+}
+
+async fn primary_key(client: &Client, table: u32) -> Result<Option<String>, ViewError> {
+    let rows = client
+        .query(
+            "select a.attname from pg_index i
+             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+             where i.indrelid = $1 and i.indisprimary",
+            &[&table],
+        )
+        .await
+        .map_err(ViewError::Db)?;
+    Ok(if rows.len() == 1 {
+        Some(rows[0].get(0))
+    } else {
+        None
+    })
+}
+
+/// Whether the source's type parser accepts `ty` (only then is it written into SQL).
+async fn check_type(client: &Client, ty: &str) -> Result<Result<(), String>, ViewError> {
+    match client
+        .query_one("select to_regtype($1) is not null", &[&ty])
+        .await
+    {
+        Ok(row) if row.get::<_, bool>(0) => Ok(Ok(())),
+        Ok(_) => Ok(Err("no such type in the source".into())),
+        Err(e) if e.code().is_some() => Ok(Err(pg::message(&e))),
+        Err(e) => Err(ViewError::Db(e)),
+    }
+}
+
+/// The natural type of a `sql` expression, found by preparing it over the view's tables.
+async fn sql_type(
+    client: &Client,
+    job: &std::sync::Arc<JobSpec>,
+    expr: &str,
+) -> Result<Result<SourceColumn, String>, ViewError> {
+    let probe_view = View {
+        job: job.clone(),
+        columns: Vec::new(),
+        cursor: Vec::new(),
+        settings: Vec::new(),
+    };
+    let q = format!("select ({expr}) {} limit 0", sql::from_clause(&probe_view));
+    let stmt = match client.prepare(&q).await {
+        Ok(s) => s,
+        Err(e) if e.code().is_some() => return Ok(Err(pg::message(&e))),
+        Err(e) => return Err(ViewError::Db(e)),
+    };
+    let oid = stmt.columns()[0].type_().oid();
+    let q = format!(
+        "select {} from pg_type t {TYPE_JOINS} where t.oid = $1",
+        TYPE_COLUMNS.replace("TYPMOD", "null")
+    );
+    let row = client.query_one(&q, &[&oid]).await.map_err(ViewError::Db)?;
+    Ok(Ok(SourceColumn {
+        src_type: row.get(0),
+        target_type: row.get(1),
+    }))
+}
+
+async fn probe(client: &Client, view: &View) -> Result<(), tokio_postgres::Error> {
+    let tx_settings = settings_statement(&view.settings);
+    client.batch_execute("begin read only").await?;
+    let result = async {
+        if let Some((q, names, values)) = &tx_settings {
+            client.execute(q.as_str(), &[names, values]).await?;
+        }
+        client.prepare(&sql::probe(view)).await?;
+        client.query(&sql::probe(view), &[]).await.map(|_| ())
+    }
+    .await;
+    client.batch_execute("rollback").await?;
+    result
+}
+
+/// One statement that sets every setting for the current transaction, with its parameters.
+pub fn settings_statement(settings: &[Setting]) -> Option<(String, Vec<String>, Vec<String>)> {
+    if settings.is_empty() {
+        return None;
+    }
+    let names = settings
+        .iter()
+        .map(|s| format!("{SETTING_PREFIX}{}", s.name))
+        .collect();
+    let values = settings.iter().map(|s| s.value.clone()).collect();
+    Some((
+        "select count(set_config(k, v, true)) from unnest($1::text[], $2::text[]) as s(k, v)"
+            .into(),
+        names,
+        values,
+    ))
+}
+
+/// A PostgreSQL text[] literal, every element quoted.
+fn text_array(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_array_quotes_elements() {
+        assert_eq!(
+            text_array(&["a".into(), "b,\"c\"".into()]),
+            r#"{"a","b,\"c\""}"#
+        );
+    }
+
+    #[test]
+    fn settings_are_one_bound_statement() {
+        let (q, names, values) = settings_statement(&[Setting {
+            name: "x".into(),
+            value: "1'; drop".into(),
+        }])
+        .unwrap();
+        assert!(!q.contains("drop"));
+        assert_eq!(names, vec!["pgtide.x".to_string()]);
+        assert_eq!(values, vec!["1'; drop".to_string()]);
+    }
+}

@@ -1,0 +1,346 @@
+//! SQL text for a resolved view. Identifiers are quoted here and nowhere else in the read
+//! path; values never appear: they are bound parameters, or session settings read back with
+//! `current_setting` inside COPY statements (which take no parameters).
+
+use crate::config::JoinKind;
+use crate::pg::{quote_ident, quote_qualified};
+
+use super::View;
+
+/// The custom settings namespace pgtide uses on source sessions.
+pub const SETTING_PREFIX: &str = "pgtide.";
+
+/// `"o"."id"` for a column of a table alias.
+pub fn column(alias: &str, column: &str) -> String {
+    format!("{}.{}", quote_ident(alias), quote_ident(column))
+}
+
+/// `from "s"."main" as "m" left join ... on ...`.
+pub fn from_clause(view: &View) -> String {
+    let job = &view.job;
+    let mut s = format!(
+        "from {} as {}",
+        quote_qualified(&job.from.name.schema, &job.from.name.name),
+        quote_ident(&job.from.alias)
+    );
+    for j in &job.joins {
+        let kind = match j.kind {
+            JoinKind::Inner => "join",
+            JoinKind::Left => "left join",
+        };
+        let on: Vec<String> =
+            j.on.iter()
+                .map(|(a, b)| {
+                    format!(
+                        "{} = {}",
+                        column(&a.alias, &a.column),
+                        column(&b.alias, &b.column)
+                    )
+                })
+                .collect();
+        s.push_str(&format!(
+            " {kind} {} as {} on {}",
+            quote_qualified(&j.table.name.schema, &j.table.name.name),
+            quote_ident(&j.table.alias),
+            on.join(" and ")
+        ));
+    }
+    s
+}
+
+fn cursor_row(view: &View) -> String {
+    let cols: Vec<String> = view
+        .cursor
+        .iter()
+        .map(|c| column(&view.job.from.alias, &c.name))
+        .collect();
+    format!("({})", cols.join(", "))
+}
+
+/// A row of cursor values read from settings `pgtide.<prefix><i>`, cast to the cursor types.
+fn setting_row(view: &View, prefix: &str) -> String {
+    let vals: Vec<String> = view
+        .cursor
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "current_setting('{SETTING_PREFIX}{prefix}{i}')::{}",
+                c.sql_type
+            )
+        })
+        .collect();
+    format!("({})", vals.join(", "))
+}
+
+/// A row of cursor values from bound parameters `$first..`, sent as text and cast.
+fn param_row(view: &View, first: usize) -> String {
+    let vals: Vec<String> = view
+        .cursor
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("${}::text::{}", first + i, c.sql_type))
+        .collect();
+    format!("({})", vals.join(", "))
+}
+
+/// The last cursor value of the next batch: at most `limit` main-table rows past `lo` (and
+/// up to `hi`). Parameters: the lower bound's values as text (when `has_lo`), the upper
+/// bound's (when `has_hi`), then the limit.
+pub fn batch_bound(view: &View, has_lo: bool, has_hi: bool) -> String {
+    let main = &view.job.from;
+    let n = view.cursor.len();
+    let inner_cols: Vec<String> = view
+        .cursor
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} as c{i}", column(&main.alias, &c.name)))
+        .collect();
+    let order: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    let desc: Vec<String> = order.iter().map(|c| format!("{c} desc")).collect();
+    // Output names differ from c<i>, or `order by c<i>` would sort the text casts.
+    let text: Vec<String> = (0..n).map(|i| format!("c{i}::text as t{i}")).collect();
+    let mut preds = Vec::new();
+    let mut next = 1;
+    if has_lo {
+        preds.push(format!("{} > {}", cursor_row(view), param_row(view, next)));
+        next += n;
+    }
+    if has_hi {
+        preds.push(format!("{} <= {}", cursor_row(view), param_row(view, next)));
+        next += n;
+    }
+    let pred = if preds.is_empty() {
+        String::new()
+    } else {
+        format!(" where {}", preds.join(" and "))
+    };
+    format!(
+        "select {} from (select {} from {} as {}{pred} order by {} limit ${next}) b order by {} limit 1",
+        text.join(", "),
+        inner_cols.join(", "),
+        quote_qualified(&main.name.schema, &main.name.name),
+        quote_ident(&main.alias),
+        order.join(", "),
+        desc.join(", ")
+    )
+}
+
+/// Count main-table rows past a watermark (for `status` and `replay --dry-run`).
+/// Parameters: lower bound values (when `has_lo`), then upper bound values (when `has_hi`).
+pub fn count_range(view: &View, has_lo: bool, has_hi: bool) -> String {
+    let main = &view.job.from;
+    let mut preds = Vec::new();
+    if has_lo {
+        preds.push(format!("{} > {}", cursor_row(view), param_row(view, 1)));
+    }
+    if has_hi {
+        let first = if has_lo { view.cursor.len() + 1 } else { 1 };
+        preds.push(format!(
+            "{} <= {}",
+            cursor_row(view),
+            param_row(view, first)
+        ));
+    }
+    let pred = if preds.is_empty() {
+        String::new()
+    } else {
+        format!(" where {}", preds.join(" and "))
+    };
+    format!(
+        "select count(*) from {} as {}{pred}",
+        quote_qualified(&main.name.schema, &main.name.name),
+        quote_ident(&main.alias)
+    )
+}
+
+/// A cursor range whose bounds live in settings: `lo<i>` / `hi<i>` under `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeRef {
+    pub prefix: String,
+    pub has_lo: bool,
+    pub has_hi: bool,
+    /// Recheck only rows written by these transactions: settings `<prefix>xip` (an xid
+    /// array) and `<prefix>xmax` (rows written by this transaction id or later).
+    pub recheck: bool,
+}
+
+fn range_predicate(view: &View, r: &RangeRef) -> String {
+    let mut preds = Vec::new();
+    if r.has_lo {
+        preds.push(format!(
+            "{} > {}",
+            cursor_row(view),
+            setting_row(view, &format!("{}lo", r.prefix))
+        ));
+    }
+    if r.has_hi {
+        preds.push(format!(
+            "{} <= {}",
+            cursor_row(view),
+            setting_row(view, &format!("{}hi", r.prefix))
+        ));
+    }
+    if r.recheck {
+        let xmin = column(&view.job.from.alias, "xmin");
+        preds.push(format!(
+            "({xmin} = any(current_setting('{SETTING_PREFIX}{p}xip')::xid[]) or age({xmin}) <= age(current_setting('{SETTING_PREFIX}{p}xmax')::xid))",
+            p = r.prefix
+        ));
+    }
+    if preds.is_empty() {
+        "true".into()
+    } else {
+        preds.join(" and ")
+    }
+}
+
+/// `copy (select <view columns> from ... where <ranges>) to stdout (format binary)`.
+pub fn copy_out(view: &View, ranges: &[RangeRef]) -> String {
+    let cols: Vec<&str> = view.columns.iter().map(|c| c.expr.as_str()).collect();
+    let preds: Vec<String> = ranges
+        .iter()
+        .map(|r| format!("({})", range_predicate(view, r)))
+        .collect();
+    let pred = if preds.is_empty() {
+        "true".to_string()
+    } else {
+        preds.join(" or ")
+    };
+    format!(
+        "copy (select {} {} where {pred}) to stdout (format binary)",
+        cols.join(", "),
+        from_clause(view)
+    )
+}
+
+/// The view's select over no rows, to check that it plans on the source.
+pub fn probe(view: &View) -> String {
+    let cols: Vec<&str> = view.columns.iter().map(|c| c.expr.as_str()).collect();
+    format!("select {} {} limit 0", cols.join(", "), from_clause(view))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{parse_job, Problems};
+    use crate::view::{CursorColumn, ViewColumn};
+
+    fn view() -> View {
+        let text = r#"
+            interval_secs = 5
+            key = ["id"]
+            watermark = ["updated at", "id"]
+            [from]
+            table = "Sales.Order\"s"
+            as = "o"
+            [[join]]
+            table = "public.Кли"
+            as = "c"
+            type = "left"
+            on = { "o.cust" = "c.id" }
+            [[column]]
+            name = "id"
+            from = "o.id"
+        "#;
+        let sources = [("s".to_string(), "postgres://x@y/z".to_string())].into();
+        let mut p = Problems::new(Path::new("j.toml"));
+        let job =
+            parse_job(Path::new("j.toml"), text, &sources, "public", &mut p).expect("valid job");
+        View {
+            job: Arc::new(job),
+            columns: vec![ViewColumn {
+                name: "id".into(),
+                expr: r#""o"."id""#.into(),
+                target_type: "bigint".into(),
+            }],
+            cursor: vec![
+                CursorColumn {
+                    name: "updated at".into(),
+                    sql_type: "timestamp with time zone".into(),
+                },
+                CursorColumn {
+                    name: "id".into(),
+                    sql_type: "bigint".into(),
+                },
+            ],
+            settings: vec![],
+        }
+    }
+
+    #[test]
+    fn from_clause_quotes_everything() {
+        assert_eq!(
+            from_clause(&view()),
+            r#"from "Sales"."Order""s" as "o" left join "public"."Кли" as "c" on "o"."cust" = "c"."id""#
+        );
+    }
+
+    #[test]
+    fn batch_bound_is_a_keyset_query_with_bound_values() {
+        let v = view();
+        assert_eq!(
+            batch_bound(&v, true, false),
+            "select c0::text as t0, c1::text as t1 from (select \"o\".\"updated at\" as c0, \"o\".\"id\" as c1 from \"Sales\".\"Order\"\"s\" as \"o\" \
+             where (\"o\".\"updated at\", \"o\".\"id\") > ($1::text::timestamp with time zone, $2::text::bigint) \
+             order by c0, c1 limit $3) b order by c0 desc, c1 desc limit 1"
+        );
+        assert!(batch_bound(&v, false, false).contains("limit $1)"));
+        assert!(!batch_bound(&v, false, false).contains("where"));
+    }
+
+    #[test]
+    fn copy_reads_bounds_from_settings() {
+        let v = view();
+        let sql = copy_out(
+            &v,
+            &[RangeRef {
+                prefix: "b".into(),
+                has_lo: true,
+                has_hi: true,
+                recheck: false,
+            }],
+        );
+        assert!(
+            sql.starts_with("copy (select \"o\".\"id\" from \"Sales\""),
+            "{sql}"
+        );
+        assert!(sql.contains("(\"o\".\"updated at\", \"o\".\"id\") > (current_setting('pgtide.blo0')::timestamp with time zone, current_setting('pgtide.blo1')::bigint)"), "{sql}");
+        assert!(sql.contains("<= (current_setting('pgtide.bhi0')"), "{sql}");
+        assert!(sql.ends_with("to stdout (format binary)"), "{sql}");
+    }
+
+    #[test]
+    fn recheck_windows_are_ored_and_filter_on_xmin() {
+        let v = view();
+        let sql = copy_out(
+            &v,
+            &[
+                RangeRef {
+                    prefix: "w0".into(),
+                    has_lo: false,
+                    has_hi: true,
+                    recheck: true,
+                },
+                RangeRef {
+                    prefix: "w1".into(),
+                    has_lo: true,
+                    has_hi: true,
+                    recheck: true,
+                },
+            ],
+        );
+        assert!(
+            sql.contains("\"o\".\"xmin\" = any(current_setting('pgtide.w0xip')::xid[])"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("age(\"o\".\"xmin\") <= age(current_setting('pgtide.w1xmax')::xid)"),
+            "{sql}"
+        );
+        assert!(sql.contains(") or ("), "{sql}");
+    }
+}
