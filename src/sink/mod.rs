@@ -370,7 +370,7 @@ pub async fn upsert(tx: &Transaction<'_>, view: &View) -> Result<u64, SinkError>
             let stage = format!("pg_temp.{}", quote_ident(STAGE));
             if code == Some(tokio_postgres::error::SqlState::CARDINALITY_VIOLATION) {
                 let q = format!(
-                    "select ({k})::text, count(*) from {stage} group by {k} having count(*) > 1 limit 3",
+                    "select row({k})::text, count(*) from {stage} group by {k} having count(*) > 1 limit 3",
                     k = key.join(", ")
                 );
                 let rows = tx.query(&q, &[]).await?;

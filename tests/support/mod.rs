@@ -1,0 +1,164 @@
+//! Test support: one throwaway PostgreSQL per test binary (stopped at exit), a fresh source
+//! and DWH database per test, a config directory per test, and the real `pgtide` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pgtide::cluster::Cluster;
+use tokio_postgres::{Client, NoTls};
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn stop_cluster() {
+    if let Some(c) = CLUSTER.get() {
+        c.stop();
+    }
+}
+
+/// The shared cluster. A machine without PostgreSQL fails here, loudly.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        let c = Cluster::start().unwrap_or_else(|e| panic!("cannot start a test PostgreSQL: {e}"));
+        unsafe { libc::atexit(stop_cluster) };
+        c
+    })
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub src_url: String,
+    pub dwh_url: String,
+    pub src: Client,
+    pub dwh: Client,
+}
+
+impl Env {
+    /// Fresh databases and a config directory with `pgtide.toml` (source "shop", DWH schema "dw").
+    pub async fn new() -> Env {
+        let c = cluster();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}_{n}", std::process::id());
+        let admin = connect(&c.url("postgres")).await;
+        for db in [format!("src_{tag}"), format!("dwh_{tag}")] {
+            admin.batch_execute(&format!("create database {db}")).await.unwrap();
+        }
+        let src_url = c.url(&format!("src_{tag}"));
+        let dwh_url = c.url(&format!("dwh_{tag}"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("jobs")).unwrap();
+        let env = Env {
+            src: connect(&src_url).await,
+            dwh: connect(&dwh_url).await,
+            dir,
+            src_url,
+            dwh_url,
+        };
+        env.write_config(&env.src_url.clone(), &env.dwh_url.clone());
+        env
+    }
+
+    pub fn write_config(&self, src: &str, dwh: &str) {
+        let toml = format!(
+            "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{src}\"\n[dwh]\nurl = \"{dwh}\"\nschema = \"dw\"\n"
+        );
+        std::fs::write(self.config(), toml).unwrap();
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("pgtide.toml")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state/pgtide.db")
+    }
+
+    pub fn job(&self, name: &str, toml: &str) {
+        std::fs::write(self.dir.path().join("jobs").join(format!("{name}.toml")), toml).unwrap();
+    }
+
+    /// Run the real binary with this environment's config; every run has a deadline.
+    pub async fn pgtide(&self, args: &[&str]) -> Out {
+        let mut cmd = self.command(args);
+        let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+            .await
+            .expect("pgtide did not finish within 300 s")
+            .expect("run pgtide");
+        Out(out)
+    }
+
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtide"));
+        cmd.arg("--config").arg(self.config()).args(args).kill_on_drop(true);
+        cmd.env("RUST_LOG", "pgtide=info");
+        cmd
+    }
+
+    /// Sorted text forms of the rows of `query` on `client`.
+    pub async fn rows(client: &Client, query: &str) -> Vec<String> {
+        let q = format!("select whole_row_::text from ({query}) whole_row_");
+        let mut v: Vec<String> = client
+            .query(&q, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e:?}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub async fn count(client: &Client, table: &str) -> i64 {
+        client.query_one(&format!("select count(*) from {table}"), &[]).await.unwrap().get(0)
+    }
+}
+
+/// A finished pgtide process.
+pub struct Out(pub Output);
+
+impl Out {
+    pub fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+    /// Assert success, showing everything pgtide said otherwise.
+    pub fn ok(self) -> Out {
+        assert_eq!(self.code(), 0, "pgtide failed\nstdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr());
+        self
+    }
+}
+
+/// Wait for `cond` up to `secs`, or panic with `what`.
+pub async fn wait_for<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
