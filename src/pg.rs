@@ -34,7 +34,7 @@ pub async fn connect(url: &str, application: &str, what: &str) -> Result<Client,
         .connect_timeout(CONNECT_TIMEOUT)
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
-        .options(&format!(
+        .options(format!(
             "-c timezone=UTC -c statement_timeout={STATEMENT_TIMEOUT_MS} -c extra_float_digits=3 -c DateStyle=ISO,YMD -c IntervalStyle=postgres"
         ));
     let (client, connection) = config

@@ -760,7 +760,7 @@ fn check_type_name(ty: &str, field: &str, problems: &mut Problems) {
         && ty
             .chars()
             .all(|c| c.is_alphanumeric() || " _(),[]\".".contains(c))
-        && ty.matches('"').count() % 2 == 0;
+        && ty.matches('"').count().is_multiple_of(2);
     if !ok {
         problems.push(field, format!("{ty:?} is not a type name"));
     }

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Throughput of `pgtide run-once` against the physical baseline, in one run on one server:
+#   baseline: psql "copy (...) to stdout (format binary)" | psql "copy ... from stdin (format binary)"
+#             into an empty table with a primary key
+#   pgtide:   run-once of a 1:1 job into an empty DWH, and of a job with a value map and two
+#             JSON fields (the transforms' cost)
+# Prints rows/s for each, the ratios, and pgtide's peak RSS.  ROWS=... changes the size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_cargo
+ensure_postgres
+ensure_time
+ROWS=${ROWS:-1000000}
+BATCH=${BATCH:-10000}
+BIN=$(pg_bindir)
+cargo build --release --quiet
+PGTIDE=$PWD/target/release/pgtide
+
+work=$(mktemp -d /tmp/pgtide-bench-XXXXXX)
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+[ "$(id -u)" -eq 0 ] && chown postgres: "$work"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cleanup() { as_pg "$BIN/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$work"; }
+trap cleanup EXIT
+as_pg "$BIN/initdb" -D "$work/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+as_pg "$BIN/pg_ctl" -D "$work/data" -l "$work/server.log" -w -o \
+  "-p $port -k $work -c listen_addresses=127.0.0.1 -c shared_buffers=512MB -c max_wal_size=8GB -c synchronous_commit=off" start >/dev/null
+psql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
+now() { date +%s.%N; }
+
+psql -d postgres -c "create database src" -c "create database dwh"
+echo "generating $ROWS orders-like rows..."
+psql -d src <<SQL
+create table orders (
+    id bigint primary key,
+    customer_id integer not null,
+    status integer not null,
+    quantity integer not null,
+    amount numeric(12, 2) not null,
+    payload jsonb not null,
+    created_at timestamptz not null,
+    updated_at timestamptz not null
+);
+insert into orders
+select g, 1 + g % 50000, 1 + g % 4, 1 + g % 7, round((g % 100000) / 7.0, 2),
+       jsonb_build_object('meta', jsonb_build_object('channel', (array['web','app','phone'])[1 + g % 3], 'campaign', 'c' || g % 100),
+                          'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || g % 1000, 'qty', 1 + g % 5))),
+       timestamptz '2025-01-01' + make_interval(secs => g), timestamptz '2025-01-01' + make_interval(secs => g)
+from generate_series(1, $ROWS) g;
+vacuum analyze orders;
+SQL
+cols="id, customer_id, status, quantity, amount, payload, created_at, updated_at"
+psql -d dwh -c "create table orders_base (id bigint primary key, customer_id integer, status integer, quantity integer, amount numeric(12,2), payload jsonb, created_at timestamptz, updated_at timestamptz)"
+psql -d dwh -c checkpoint -d src -c checkpoint >/dev/null
+
+t0=$(now)
+psql -d src -c "copy (select $cols from orders) to stdout (format binary)" \
+  | psql -d dwh -c "copy orders_base ($cols) from stdin (format binary)"
+t1=$(now)
+base=$(python3 -c "print($t1 - $t0)")
+
+mkdir -p "$work/cfg/jobs"
+cat > "$work/cfg/pgtide.toml" <<TOML
+[sources.src]
+url = "postgres://postgres@127.0.0.1:$port/src"
+[dwh]
+url = "postgres://postgres@127.0.0.1:$port/dwh"
+TOML
+columns=""
+for c in id customer_id status quantity amount payload created_at updated_at; do
+  columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
+done
+printf 'interval_secs = 60\nbatch_size = %s\ntarget = "orders_pgtide"\nkey = ["id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' "$BATCH" "$columns" > "$work/cfg/jobs/plain.toml"
+cat > "$work/cfg/jobs/mapped.toml" <<TOML
+interval_secs = 60
+batch_size = $BATCH
+target = "orders_mapped"
+key = ["id"]
+[from]
+table = "public.orders"
+as = "o"
+[[column]]
+name = "id"
+from = "o.id"
+[[column]]
+name = "customer_id"
+from = "o.customer_id"
+[[column]]
+name = "status_label"
+from = "o.status"
+map = { "1" = "created", "2" = "processing", "3" = "done" }
+map_default = "other"
+[[column]]
+name = "amount"
+from = "o.amount"
+[[column]]
+name = "channel"
+from = "o.payload"
+json = "meta.channel"
+type = "text"
+[[column]]
+name = "first_qty"
+from = "o.payload"
+json = "items.0.qty"
+type = "integer"
+[[column]]
+name = "updated_at"
+from = "o.updated_at"
+TOML
+
+run_job() { # job -> prints "seconds peak_kib"
+  local t0 t1 rss
+  t0=$(now)
+  /usr/bin/time -f "%M" -o "$work/rss" "$PGTIDE" --config "$work/cfg/pgtide.toml" run-once "$1" >/dev/null
+  t1=$(now)
+  rss=$(tail -n 1 "$work/rss")
+  echo "$(python3 -c "print($t1 - $t0)") $rss"
+}
+psql -d dwh -c checkpoint >/dev/null
+read -r plain plain_rss < <(run_job plain)
+psql -d dwh -c checkpoint >/dev/null
+read -r mapped mapped_rss < <(run_job mapped)
+
+n=$(psql -d dwh -Atc "select (select count(*) from orders_pgtide) || ' ' || (select count(*) from orders_mapped)")
+[ "$n" = "$ROWS $ROWS" ] || { echo "row counts differ: $n, expected $ROWS each" >&2; exit 1; }
+python3 - "$ROWS" "$base" "$plain" "$plain_rss" "$mapped" "$mapped_rss" "$BATCH" <<'PY'
+import sys
+rows, base, plain, prss, mapped, mrss, batch = int(sys.argv[1]), *map(float, sys.argv[2:7]), sys.argv[7]
+print(f"\n{rows} rows, batch_size {batch}, source and DWH on one local PostgreSQL")
+print(f"{'':34} {'seconds':>8} {'rows/s':>10} {'vs baseline':>12} {'peak RSS':>10}")
+print(f"{'baseline copy | copy (binary)':34} {base:8.2f} {rows/base:10.0f} {1.0:12.2f} {'':>10}")
+print(f"{'pgtide run-once, 1:1 job':34} {plain:8.2f} {rows/plain:10.0f} {base/plain:12.2f} {prss/1024:8.1f} MiB")
+print(f"{'pgtide run-once, map + 2 json':34} {mapped:8.2f} {rows/mapped:10.0f} {base/mapped:12.2f} {mrss/1024:8.1f} MiB")
+print(f"transforms cost: map + 2 json job runs at {plain/mapped:.2f} of the 1:1 job's speed")
+PY
