@@ -76,6 +76,9 @@ struct Session {
     source: Client,
     dwh: Client,
     view: View,
+    /// Copy batches straight into the target (it was empty with exactly the view's types)
+    /// until a key turns out to exist already; then stage and upsert.
+    copy_direct: bool,
 }
 
 fn now_secs() -> i64 {
@@ -113,9 +116,14 @@ impl Context {
         let source = self.connect_source(job).await?;
         let view = view::resolve(&source, job).await?;
         sink::ensure_control(&mut dwh).await?;
-        sink::ensure_target(&mut dwh, &view).await?;
+        let target = sink::ensure_target(&mut dwh, &view).await?;
         sink::create_staging(&dwh, &view).await?;
-        Ok(Session { source, dwh, view })
+        Ok(Session {
+            source,
+            dwh,
+            view,
+            copy_direct: target.copy_direct,
+        })
     }
 
     /// The position to continue from: the DWH's copy wins over SQLite whenever they differ.
@@ -223,8 +231,26 @@ impl Context {
         let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
         let mut next = pos.clone();
         next.advance(hi, &snap, now_secs(), merge);
-        let (rows, changed) =
-            transfer(&tx, &mut s.dwh, view, &[range], settings, Some(&next)).await?;
+        let ranges = [range];
+        let mut done = None;
+        if s.copy_direct {
+            done = transfer(
+                &tx,
+                &mut s.dwh,
+                view,
+                &ranges,
+                settings.clone(),
+                Some(&next),
+                true,
+            )
+            .await?;
+            // A key already in the target: stage this batch (same snapshot) and all that follow.
+            s.copy_direct = done.is_some();
+        }
+        let (rows, changed) = match done {
+            Some(done) => done,
+            None => staged(&tx, &mut s.dwh, view, &ranges, settings, Some(&next)).await?,
+        };
         drop(tx);
         *pos = next;
         self.store.advance(&view.job.name, pos).await?;
@@ -264,7 +290,7 @@ impl Context {
         }
         let mut next = pos.clone();
         let dropped = next.settle(&snap, now_secs());
-        let (rows, _) = transfer(
+        let (rows, _) = staged(
             &tx,
             &mut s.dwh,
             view,
@@ -320,7 +346,7 @@ impl Context {
                 };
                 let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
                 let (rows, changed) =
-                    transfer(&tx, &mut s.dwh, &s.view, &[range], settings, None).await?;
+                    staged(&tx, &mut s.dwh, &s.view, &[range], settings, None).await?;
                 summary.rows += rows;
                 summary.changed += changed;
                 summary.batches += 1;
@@ -394,9 +420,12 @@ impl Context {
     }
 }
 
-/// Stream the view rows of `ranges` from the source transaction into the DWH staging table
-/// and upsert them, writing `position` in the same DWH transaction. Returns (rows read, rows
-/// changed).
+/// Stream the view rows of `ranges` from the source transaction into the DWH and apply them,
+/// writing `position` in the same DWH transaction. Returns (rows read, rows changed).
+///
+/// `direct` copies straight into the target, which only works while no key exists there
+/// yet; a key that does ends the attempt with `Ok(None)` and nothing written, so the caller
+/// can stage the batch instead.
 async fn transfer(
     source_tx: &tokio_postgres::Transaction<'_>,
     dwh: &mut Client,
@@ -404,31 +433,59 @@ async fn transfer(
     ranges: &[RangeRef],
     settings: Vec<view::Setting>,
     position: Option<&Position>,
-) -> Result<(u64, u64), JobError> {
+    direct: bool,
+) -> Result<Option<(u64, u64)>, JobError> {
     let tx = dwh.transaction().await.map_err(SinkError::from)?;
     let out = source::copy_out(source_tx, view, ranges, settings)
         .await
         .map_err(JobError::Source)?;
-    let sink_stmt = sink::copy_in_sql(view);
     let copy_in = tx
-        .copy_in::<_, bytes::Bytes>(sink_stmt.as_str())
+        .copy_in::<_, bytes::Bytes>(sink::copy_in_sql(view, direct).as_str())
         .await
         .map_err(SinkError::from)?;
     futures_util::pin_mut!(out);
     futures_util::pin_mut!(copy_in);
-    while let Some(chunk) = out.next().await {
-        let chunk = chunk.map_err(JobError::Source)?;
-        copy_in.feed(chunk).await.map_err(SinkError::from)?;
+    let copied = async {
+        while let Some(chunk) = out.next().await {
+            copy_in
+                .feed(chunk.map_err(JobError::Source)?)
+                .await
+                .map_err(SinkError::from)?;
+        }
+        Ok::<_, JobError>(copy_in.as_mut().finish().await.map_err(SinkError::from)?)
     }
-    let rows = copy_in.as_mut().finish().await.map_err(SinkError::from)?;
-    let changed = if rows > 0 {
-        sink::upsert(&tx, view).await?
-    } else {
-        0
+    .await;
+    let rows = match copied {
+        Ok(rows) => rows,
+        Err(JobError::Sink(SinkError::Db(e)))
+            if direct && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
+            tracing::info!(job = %view.job.name, "a key is in the target already; staging and upserting from here on");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let changed = match (direct, rows) {
+        (true, _) => rows,
+        (false, 0) => 0,
+        (false, _) => sink::upsert(&tx, view).await?,
     };
     if let Some(p) = position {
         sink::write_position(&tx, &view.job.name, p).await?;
     }
     tx.commit().await.map_err(SinkError::from)?;
-    Ok((rows, changed))
+    Ok(Some((rows, changed)))
+}
+
+/// `transfer` through the staging table, which takes any batch.
+async fn staged(
+    source_tx: &tokio_postgres::Transaction<'_>,
+    dwh: &mut Client,
+    view: &View,
+    ranges: &[RangeRef],
+    settings: Vec<view::Setting>,
+    position: Option<&Position>,
+) -> Result<(u64, u64), JobError> {
+    let done = transfer(source_tx, dwh, view, ranges, settings, position, false).await?;
+    Ok(done.expect("only direct copies meet existing keys"))
 }

@@ -52,7 +52,11 @@ const SOURCE_VIEW: &str = "select o.id, c.name, o.amount, (o.amount * 100)::bigi
 const DWH_VIEW: &str = "select order_id, customer, amount, cents, note from dw.orders";
 
 async fn assert_converged(env: &Env) {
-    assert_eq!(Env::rows(&env.src, SOURCE_VIEW).await, Env::rows(&env.dwh, DWH_VIEW).await, "DWH differs from the view");
+    assert_eq!(
+        Env::rows(&env.src, SOURCE_VIEW).await,
+        Env::rows(&env.dwh, DWH_VIEW).await,
+        "DWH differs from the view"
+    );
 }
 
 async fn orders_env() -> Env {
@@ -76,7 +80,11 @@ async fn first_and_incremental_loads_with_ties_across_batch_boundaries() {
         .await
         .unwrap();
     let out = env.pgtide(&["run-once"]).await.ok();
-    assert!(out.stdout().contains("32 rows read, 32 changed, 4 batches"), "{}", out.stdout());
+    assert!(
+        out.stdout().contains("32 rows read, 32 changed, 4 batches"),
+        "{}",
+        out.stdout()
+    );
     assert_converged(&env).await;
 
     // Updates move rows past the watermark; inserts arrive; unchanged rows are not rewritten.
@@ -89,7 +97,11 @@ async fn first_and_incremental_loads_with_ties_across_batch_boundaries() {
         .await
         .unwrap();
     let out = env.pgtide(&["run-once"]).await.ok();
-    assert!(out.stdout().contains("5 rows read, 4 changed"), "{}", out.stdout());
+    assert!(
+        out.stdout().contains("5 rows read, 4 changed"),
+        "{}",
+        out.stdout()
+    );
     assert_converged(&env).await;
 
     // Nothing new: nothing read.
@@ -118,23 +130,36 @@ async fn transactions_committing_out_of_order_are_not_lost() {
     let env = orders_env().await;
     // A long transaction takes id 1 (and an earlier timestamp) and commits last.
     let slow = support::connect(&env.src_url).await;
-    slow.batch_execute("begin; insert into orders (customer_id, amount) values (1, 1.00)").await.unwrap();
+    slow.batch_execute("begin; insert into orders (customer_id, amount) values (1, 1.00)")
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    env.src.batch_execute("insert into orders (customer_id, amount) values (2, 2.00), (3, 3.00)").await.unwrap();
+    env.src
+        .batch_execute("insert into orders (customer_id, amount) values (2, 2.00), (3, 3.00)")
+        .await
+        .unwrap();
     let out = env.pgtide(&["run-once"]).await.ok();
     assert!(out.stdout().contains("2 rows read"), "{}", out.stdout());
     assert_eq!(Env::count(&env.dwh, "dw.orders").await, 2);
 
     slow.batch_execute("commit").await.unwrap();
     let out = env.pgtide(&["run-once"]).await.ok();
-    assert!(out.stdout().contains("1 late rows found by recheck"), "{}", out.stdout());
+    assert!(
+        out.stdout().contains("1 late rows found by recheck"),
+        "{}",
+        out.stdout()
+    );
     assert_converged(&env).await;
 
     // Concurrent writers under load: many transactions, some held open across runs.
     let mut held = Vec::new();
     for i in 0..5 {
         let c = support::connect(&env.src_url).await;
-        c.batch_execute(&format!("begin; insert into orders (customer_id, amount) values (1, {i})")).await.unwrap();
+        c.batch_execute(&format!(
+            "begin; insert into orders (customer_id, amount) values (1, {i})"
+        ))
+        .await
+        .unwrap();
         held.push(c);
         env.src.batch_execute("insert into orders (customer_id, amount) select 1, g from generate_series(1, 13) g").await.unwrap();
         env.pgtide(&["run-once"]).await.ok();
@@ -156,42 +181,113 @@ async fn replay_and_reset() {
         .unwrap();
     env.pgtide(&["run-once"]).await.ok();
     // Damage the DWH, then replay a range: exactly that range is repaired.
-    env.dwh.batch_execute("update dw.orders set note = 'damaged'").await.unwrap();
-    let dry = env.pgtide(&["replay", "orders", "--from", r#"["2025-01-05 00:00:00+00", 0]"#, "--to", r#"["2025-01-10 00:00:00+00", 999]"#, "--dry-run"]).await.ok();
-    assert!(dry.stdout().contains("would read 6 source rows"), "{}", dry.stdout());
+    env.dwh
+        .batch_execute("update dw.orders set note = 'damaged'")
+        .await
+        .unwrap();
+    let dry = env
+        .pgtide(&[
+            "replay",
+            "orders",
+            "--from",
+            r#"["2025-01-05 00:00:00+00", 0]"#,
+            "--to",
+            r#"["2025-01-10 00:00:00+00", 999]"#,
+            "--dry-run",
+        ])
+        .await
+        .ok();
+    assert!(
+        dry.stdout().contains("would read 6 source rows"),
+        "{}",
+        dry.stdout()
+    );
     let before = env.pgtide(&["status", "--json"]).await.ok().stdout();
-    let out = env.pgtide(&["replay", "orders", "--from", r#"["2025-01-05 00:00:00+00", 0]"#, "--to", r#"["2025-01-10 00:00:00+00", 999]"#]).await.ok();
-    assert!(out.stdout().contains("replayed 6 rows (6 changed)"), "{}", out.stdout());
-    let damaged: i64 = env.dwh.query_one("select count(*) from dw.orders where note = 'damaged'", &[]).await.unwrap().get(0);
+    let out = env
+        .pgtide(&[
+            "replay",
+            "orders",
+            "--from",
+            r#"["2025-01-05 00:00:00+00", 0]"#,
+            "--to",
+            r#"["2025-01-10 00:00:00+00", 999]"#,
+        ])
+        .await
+        .ok();
+    assert!(
+        out.stdout().contains("replayed 6 rows (6 changed)"),
+        "{}",
+        out.stdout()
+    );
+    let damaged: i64 = env
+        .dwh
+        .query_one("select count(*) from dw.orders where note = 'damaged'", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(damaged, 24);
     let after = env.pgtide(&["status", "--json"]).await.ok().stdout();
-    let wm = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()[0]["watermark"].clone();
-    assert_eq!(wm(&before), wm(&after), "replay must not move the watermark");
+    let wm =
+        |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()[0]["watermark"].clone();
+    assert_eq!(
+        wm(&before),
+        wm(&after),
+        "replay must not move the watermark"
+    );
 
     // Replay everything repairs the rest.
     env.pgtide(&["replay", "orders"]).await.ok();
     assert_converged(&env).await;
 
     // Reset to a point: the next run reads from there.
-    let out = env.pgtide(&["reset", "orders", "--to", r#"["2025-01-28 00:00:00+00", 0]"#]).await.ok();
-    assert!(out.stdout().contains("watermark set to 2025-01-28 00:00:00+00, 0"), "{}", out.stdout());
+    let out = env
+        .pgtide(&[
+            "reset",
+            "orders",
+            "--to",
+            r#"["2025-01-28 00:00:00+00", 0]"#,
+        ])
+        .await
+        .ok();
+    assert!(
+        out.stdout()
+            .contains("watermark set to 2025-01-28 00:00:00+00, 0"),
+        "{}",
+        out.stdout()
+    );
     let out = env.pgtide(&["run-once"]).await.ok();
     assert!(out.stdout().contains("4 rows read"), "{}", out.stdout());
     // Reset to the beginning: everything is read again, nothing changes.
     env.pgtide(&["reset", "orders"]).await.ok();
-    let v: serde_json::Value = serde_json::from_str(&env.pgtide(&["status", "--json"]).await.ok().stdout()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&env.pgtide(&["status", "--json"]).await.ok().stdout()).unwrap();
     assert_eq!(v[0]["watermark"], serde_json::Value::Null);
     assert_eq!(v[0]["waiting"], 30);
     let out = env.pgtide(&["run-once"]).await.ok();
-    assert!(out.stdout().contains("30 rows read, 0 changed"), "{}", out.stdout());
+    assert!(
+        out.stdout().contains("30 rows read, 0 changed"),
+        "{}",
+        out.stdout()
+    );
 
     // A value that does not fit the watermark is refused before anything runs.
     let bad = env.pgtide(&["reset", "orders", "--to", "1500"]).await;
     assert_eq!(bad.code(), 2, "{}", bad.stderr());
-    assert!(bad.stderr().contains("--to: the watermark has 2 column(s) (updated_at, id), the value has 1"), "{}", bad.stderr());
-    let bad = env.pgtide(&["reset", "orders", "--to", r#"["yesterday-ish", 1]"#]).await;
+    assert!(
+        bad.stderr()
+            .contains("--to: the watermark has 2 column(s) (updated_at, id), the value has 1"),
+        "{}",
+        bad.stderr()
+    );
+    let bad = env
+        .pgtide(&["reset", "orders", "--to", r#"["yesterday-ish", 1]"#])
+        .await;
     assert_eq!(bad.code(), 2, "{}", bad.stderr());
-    assert!(bad.stderr().contains("\"yesterday-ish\" for updated_at"), "{}", bad.stderr());
+    assert!(
+        bad.stderr().contains("\"yesterday-ish\" for updated_at"),
+        "{}",
+        bad.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -225,10 +321,16 @@ async fn every_common_type_survives_exactly() {
         .split(',')
         .map(|c| format!("[[column]]\nname = \"{c}\"\nfrom = \"t.{c}\"\n"))
         .collect();
-    env.job("types", &format!("interval_secs = 5\nkey = [\"id\"]\n[from]\ntable = \"t\"\n{columns}"));
+    env.job(
+        "types",
+        &format!("interval_secs = 5\nkey = [\"id\"]\n[from]\ntable = \"t\"\n{columns}"),
+    );
     env.pgtide(&["run-once"]).await.ok();
     let q = |table: &str| format!("select {cols} from {table}");
-    assert_eq!(Env::rows(&env.src, &q("t")).await, Env::rows(&env.dwh, &q("dw.types")).await);
+    assert_eq!(
+        Env::rows(&env.src, &q("t")).await,
+        Env::rows(&env.dwh, &q("dw.types")).await
+    );
     // Enums arrive as text, everything else keeps its type.
     let types: Vec<String> = env
         .dwh
@@ -245,7 +347,11 @@ async fn every_common_type_survives_exactly() {
     assert_eq!(types[10], "character(5)");
     assert_eq!(types[23], "text");
     assert_eq!(types[24], "text[]");
-    assert_eq!(types.last().unwrap(), "timestamp with time zone", "the _pgtide_loaded_at column");
+    assert_eq!(
+        types.last().unwrap(),
+        "timestamp with time zone",
+        "the _pgtide_loaded_at column"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -298,10 +404,21 @@ async fn odd_identifiers_are_quoted_everywhere() {
     assert_eq!(src, dwh);
 
     // A table name that carries SQL is looked up, not executed.
-    env.job("odd", &ORDERS_JOB.replace("public.orders", "public.orders\\\"; drop table customers; --"));
+    env.job(
+        "odd",
+        &ORDERS_JOB.replace(
+            "public.orders",
+            "public.orders\\\"; drop table customers; --",
+        ),
+    );
     let out = env.pgtide(&["check"]).await;
     assert_eq!(out.code(), 2, "{}", out.stderr());
-    assert!(out.stderr().contains("table public.orders\"; drop table customers; -- does not exist"), "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("table public.orders\"; drop table customers; -- does not exist"),
+        "{}",
+        out.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -311,11 +428,21 @@ async fn sigkill_in_the_middle_of_a_load_then_a_converging_run() {
         .batch_execute("insert into orders (customer_id, amount, note) select 1 + g % 10, g % 1000, repeat('x', g % 50) from generate_series(1, 200000) g")
         .await
         .unwrap();
-    env.job("orders", &ORDERS_JOB.replace("batch_size = 10", "batch_size = 2000"));
+    env.job(
+        "orders",
+        &ORDERS_JOB.replace("batch_size = 10", "batch_size = 2000"),
+    );
     let mut child = env.command(&["run-once"]).spawn().unwrap();
     let dwh = &env.dwh;
     wait_for(60, "the first batches to land", || async {
-        dwh.query_one("select count(*) from pg_tables where schemaname = 'dw'", &[]).await.unwrap().get::<_, i64>(0) > 0
+        dwh.query_one(
+            "select count(*) from pg_tables where schemaname = 'dw'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
             && Env::count(dwh, "dw.orders").await >= 20_000
     })
     .await;
@@ -326,41 +453,85 @@ async fn sigkill_in_the_middle_of_a_load_then_a_converging_run() {
     // killed run's session (and its job lock) lives on.
     let src = &env.src;
     wait_for(60, "the killed run's sessions to end", || async {
-        src.query_one("select count(*) from pg_stat_activity where application_name = 'pgtide:orders'", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
+        src.query_one(
+            "select count(*) from pg_stat_activity where application_name = 'pgtide:orders'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
             == 0
     })
     .await;
     let landed = Env::count(dwh, "dw.orders").await;
-    assert!(landed < 200_000, "the kill came too late to test anything ({landed} rows)");
+    assert!(
+        landed < 200_000,
+        "the kill came too late to test anything ({landed} rows)"
+    );
 
     let out = env.pgtide(&["run-once"]).await.ok();
     assert_converged(&env).await;
     // The second run continued from the committed position instead of starting over.
-    let read: u64 = out.stdout().split(" rows read").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(read <= 200_000 - landed as u64 + 2000, "second run read {read} rows, {landed} had landed");
-    let v: serde_json::Value = serde_json::from_str(&env.pgtide(&["status", "--json"]).await.ok().stdout()).unwrap();
+    let read: u64 = out
+        .stdout()
+        .split(" rows read")
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        read <= 200_000 - landed as u64 + 2000,
+        "second run read {read} rows, {landed} had landed"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&env.pgtide(&["status", "--json"]).await.ok().stdout()).unwrap();
     assert_eq!(v[0]["last_run"]["outcome"], "ok");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_that_is_down_fails_the_run_without_showing_the_password() {
     let env = orders_env().await;
-    env.src.batch_execute("insert into orders (customer_id, amount) values (1, 1)").await.unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    env.write_config(&env.src_url, &format!("postgres://loader:Sup3rSecret@127.0.0.1:{closed}/dwh"));
+    env.src
+        .batch_execute("insert into orders (customer_id, amount) values (1, 1)")
+        .await
+        .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    env.write_config(
+        &env.src_url,
+        &format!("postgres://loader:Sup3rSecret@127.0.0.1:{closed}/dwh"),
+    );
     let out = env.pgtide(&["run-once"]).await;
     assert_eq!(out.code(), 1, "{}", out.stderr());
-    assert!(out.stderr().contains("job orders: dwh (127.0.0.1:"), "{}", out.stderr());
-    assert!(out.stderr().to_lowercase().contains("refused"), "{}", out.stderr());
+    assert!(
+        out.stderr().contains("job orders: dwh (127.0.0.1:"),
+        "{}",
+        out.stderr()
+    );
+    assert!(
+        out.stderr().to_lowercase().contains("refused"),
+        "{}",
+        out.stderr()
+    );
     assert!(!format!("{}{}", out.stdout(), out.stderr()).contains("Sup3rSecret"));
 
-    env.write_config(&format!("postgres://app:Sup3rSecret@127.0.0.1:{closed}/shop"), &env.dwh_url);
+    env.write_config(
+        &format!("postgres://app:Sup3rSecret@127.0.0.1:{closed}/shop"),
+        &env.dwh_url,
+    );
     let out = env.pgtide(&["run-once"]).await;
     assert_eq!(out.code(), 1, "{}", out.stderr());
-    assert!(out.stderr().contains("source shop (127.0.0.1:"), "{}", out.stderr());
+    assert!(
+        out.stderr().contains("source shop (127.0.0.1:"),
+        "{}",
+        out.stderr()
+    );
     assert!(!format!("{}{}", out.stdout(), out.stderr()).contains("Sup3rSecret"));
     let status = env.pgtide(&["status"]).await;
     assert!(!format!("{}{}", status.stdout(), status.stderr()).contains("Sup3rSecret"));
@@ -374,7 +545,12 @@ async fn a_database_that_is_down_fails_the_run_without_showing_the_password() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_or_stale_state_file_is_recovered_from_the_dwh() {
     let env = orders_env().await;
-    env.src.batch_execute("insert into orders (customer_id, amount) select 1, g from generate_series(1, 40) g").await.unwrap();
+    env.src
+        .batch_execute(
+            "insert into orders (customer_id, amount) select 1, g from generate_series(1, 40) g",
+        )
+        .await
+        .unwrap();
     env.pgtide(&["run-once"]).await.ok();
     let stale = env.dir.path().join("stale.db");
     std::fs::copy(env.state(), &stale).unwrap();
@@ -383,10 +559,19 @@ async fn a_lost_or_stale_state_file_is_recovered_from_the_dwh() {
     for f in ["pgtide.db", "pgtide.db-wal", "pgtide.db-shm"] {
         let _ = std::fs::remove_file(env.dir.path().join("state").join(f));
     }
-    env.src.batch_execute("insert into orders (customer_id, amount) select 2, g from generate_series(1, 5) g").await.unwrap();
+    env.src
+        .batch_execute(
+            "insert into orders (customer_id, amount) select 2, g from generate_series(1, 5) g",
+        )
+        .await
+        .unwrap();
     let out = env.pgtide(&["run-once"]).await.ok();
     assert!(out.stdout().contains("5 rows read"), "{}", out.stdout());
-    assert!(out.stderr().contains("recovered it from the dwh"), "{}", out.stderr());
+    assert!(
+        out.stderr().contains("recovered it from the dwh"),
+        "{}",
+        out.stderr()
+    );
     assert_converged(&env).await;
 
     // Stale: an old copy of the file does not make pgtide reload or skip.
@@ -394,10 +579,19 @@ async fn a_lost_or_stale_state_file_is_recovered_from_the_dwh() {
         let _ = std::fs::remove_file(env.dir.path().join("state").join(f));
     }
     std::fs::copy(&stale, env.state()).unwrap();
-    env.src.batch_execute("insert into orders (customer_id, amount) select 3, g from generate_series(1, 3) g").await.unwrap();
+    env.src
+        .batch_execute(
+            "insert into orders (customer_id, amount) select 3, g from generate_series(1, 3) g",
+        )
+        .await
+        .unwrap();
     let out = env.pgtide(&["run-once"]).await.ok();
     assert!(out.stdout().contains("3 rows read"), "{}", out.stdout());
-    assert!(out.stderr().contains("state store was behind the dwh"), "{}", out.stderr());
+    assert!(
+        out.stderr().contains("state store was behind the dwh"),
+        "{}",
+        out.stderr()
+    );
     assert_converged(&env).await;
 }
 
@@ -420,24 +614,47 @@ async fn a_key_that_is_not_unique_is_named_and_nothing_is_lost() {
     );
     let out = env.pgtide(&["run-once"]).await;
     assert_eq!(out.code(), 1, "{}", out.stderr());
-    assert!(out.stderr().contains("the view's key is not unique: (order_id)=(4) appears 2 times"), "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("the view's key is not unique: (order_id)=(4) appears 2 times"),
+        "{}",
+        out.stderr()
+    );
     // The batches before the bad one are committed and stay.
     assert_eq!(Env::count(&env.dwh, "dw.orders").await, 2);
-    let v: serde_json::Value = serde_json::from_str(&env.pgtide(&["status", "--json"]).await.ok().stdout()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&env.pgtide(&["status", "--json"]).await.ok().stdout()).unwrap();
     assert_eq!(v[0]["last_run"]["outcome"], "failed");
-    assert!(v[0]["last_run"]["error"].as_str().unwrap().contains("not unique"));
+    assert!(v[0]["last_run"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not unique"));
     assert_eq!(v[0]["watermark"][1], "2");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_held_by_another_pgtide_exits_3() {
     let env = orders_env().await;
-    env.src.batch_execute("insert into orders (customer_id, amount) values (1, 1)").await.unwrap();
+    env.src
+        .batch_execute("insert into orders (customer_id, amount) values (1, 1)")
+        .await
+        .unwrap();
     let holder = support::connect(&env.dwh_url).await;
-    holder.execute("select pg_advisory_lock(hashtextextended('pgtide job ' || 'orders', 0))", &[]).await.unwrap();
+    holder
+        .execute(
+            "select pg_advisory_lock(hashtextextended('pgtide job ' || 'orders', 0))",
+            &[],
+        )
+        .await
+        .unwrap();
     let out = env.pgtide(&["run-once", "orders"]).await;
     assert_eq!(out.code(), 3, "{}", out.stderr());
-    assert!(out.stderr().contains("job orders: is already running elsewhere"), "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("job orders: is already running elsewhere"),
+        "{}",
+        out.stderr()
+    );
     drop(holder);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     env.pgtide(&["run-once", "orders"]).await.ok();
@@ -453,14 +670,30 @@ async fn check_lists_every_problem() {
     env.job("other", "interval_secs = 5\nkey = [\"x\"]\n[from]\ntable = \"t\"\n[[column]]\nname = \"x\"\nfrom = \"nope.x\"\n");
     let out = env.pgtide(&["check"]).await;
     assert_eq!(out.code(), 2);
-    assert!(out.stderr().contains("broken.toml: unknown field `frobnicate`"), "{}", out.stderr());
-    assert!(out.stderr().contains("other.toml: column[0].from: \"nope\" is not an alias"), "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("broken.toml: unknown field `frobnicate`"),
+        "{}",
+        out.stderr()
+    );
+    assert!(
+        out.stderr()
+            .contains("other.toml: column[0].from: \"nope\" is not an alias"),
+        "{}",
+        out.stderr()
+    );
     std::fs::remove_file(env.dir.path().join("jobs/broken.toml")).unwrap();
     std::fs::remove_file(env.dir.path().join("jobs/other.toml")).unwrap();
 
     // Against the databases: a dropped column, a missing watermark column, an incompatible target.
-    env.src.batch_execute("alter table orders drop column note").await.unwrap();
-    env.dwh.batch_execute("create schema dw; create table dw.orders (order_id text primary key)").await.unwrap();
+    env.src
+        .batch_execute("alter table orders drop column note")
+        .await
+        .unwrap();
+    env.dwh
+        .batch_execute("create schema dw; create table dw.orders (order_id text primary key)")
+        .await
+        .unwrap();
     let out = env.pgtide(&["check"]).await;
     assert_eq!(out.code(), 2, "{}", out.stderr());
     assert!(
@@ -468,10 +701,19 @@ async fn check_lists_every_problem() {
         "{}",
         out.stderr()
     );
-    env.src.batch_execute("alter table orders add column note text").await.unwrap();
+    env.src
+        .batch_execute("alter table orders add column note text")
+        .await
+        .unwrap();
     let out = env.pgtide(&["check"]).await;
     assert_eq!(out.code(), 2, "{}", out.stderr());
-    assert!(out.stderr().contains("target dw.orders: column order_id is text in the target but the view gives bigint"), "{}", out.stderr());
+    assert!(
+        out.stderr().contains(
+            "target dw.orders: column order_id is text in the target but the view gives bigint"
+        ),
+        "{}",
+        out.stderr()
+    );
     // run-once refuses too, before writing anything.
     let out = env.pgtide(&["run-once"]).await;
     assert_eq!(out.code(), 1);
@@ -479,5 +721,57 @@ async fn check_lists_every_problem() {
     // An unknown job on the command line.
     let out = env.pgtide(&["run-once", "nope"]).await;
     assert_eq!(out.code(), 2);
-    assert!(out.stderr().contains("unknown job \"nope\""), "{}", out.stderr());
+    assert!(
+        out.stderr().contains("unknown job \"nope\""),
+        "{}",
+        out.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_load_that_meets_a_key_again_falls_back_to_upserts() {
+    // The view keeps each customer's latest event: a key repeats in a later batch, which the
+    // direct COPY of a first load cannot take; that batch and the rest are staged and upserted.
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "create table events (id bigint primary key, customer_id int not null, what text);
+             insert into events values (1, 1, 'a'), (2, 2, 'b'), (3, 1, 'c'), (4, 3, 'd'), (5, 2, 'e'), (6, 4, 'f');",
+        )
+        .await
+        .unwrap();
+    env.job(
+        "latest",
+        r#"interval_secs = 5
+        batch_size = 2
+        key = ["customer_id"]
+        [from]
+        table = "events"
+        [[column]]
+        name = "customer_id"
+        from = "events.customer_id"
+        [[column]]
+        name = "event_id"
+        from = "events.id"
+        [[column]]
+        name = "what"
+        from = "events.what"
+        "#,
+    );
+    let out = env.pgtide(&["run-once"]).await.ok();
+    assert!(out.stdout().contains("6 rows read"), "{}", out.stdout());
+    assert!(
+        out.stderr()
+            .contains("a key is in the target already; staging and upserting"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(
+        Env::rows(
+            &env.dwh,
+            "select customer_id, event_id, what from dw.latest"
+        )
+        .await,
+        vec!["(1,3,c)", "(2,5,e)", "(3,4,d)", "(4,6,f)"]
+    );
 }

@@ -103,6 +103,8 @@ pub async fn write_position(
 struct TargetPlan {
     /// DDL to run: a `create table`, or an `alter table ... add column ...`.
     ddl: Option<String>,
+    /// Every view column has exactly its type in the target, so binary COPY fits it as is.
+    exact: bool,
     /// Incompatibilities; when any, nothing is changed.
     problems: Vec<String>,
 }
@@ -129,11 +131,13 @@ async fn plan_target(tx: &Transaction<'_>, view: &View) -> Result<TargetPlan, Si
         );
         return Ok(TargetPlan {
             ddl: Some(ddl),
+            exact: true,
             problems: Vec::new(),
         });
     };
     let mut problems = Vec::new();
     let mut additions = Vec::new();
+    let mut exact = true;
     for c in &view.columns {
         let Some(ours) = type_oid(tx, &c.target_type).await? else {
             problems.push(format!(
@@ -148,7 +152,7 @@ async fn plan_target(tx: &Transaction<'_>, view: &View) -> Result<TargetPlan, Si
                 "column {} is {shown} in the target but the view gives {}; change the type in the job or in the target",
                 c.name, c.target_type
             )),
-            Some(_) => {}
+            Some((oid, shown)) => exact &= *oid == ours && shown == &c.target_type,
         }
     }
     if !existing.contains_key(LOADED_AT) {
@@ -167,13 +171,24 @@ async fn plan_target(tx: &Transaction<'_>, view: &View) -> Result<TargetPlan, Si
     }
     let ddl =
         (!additions.is_empty()).then(|| format!("alter table {quoted} {}", additions.join(", ")));
-    Ok(TargetPlan { ddl, problems })
+    Ok(TargetPlan {
+        ddl,
+        exact,
+        problems,
+    })
+}
+
+/// What a run learns about its target before the first batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetState {
+    /// Empty, with exactly the view's column types: batches may be copied straight in.
+    pub copy_direct: bool,
 }
 
 /// Make sure the target can take the view: create it when missing, add columns the job
 /// gained, refuse incompatible column types and a key that differs. Nothing is changed when
 /// a problem is found.
-pub async fn ensure_target(client: &mut Client, view: &View) -> Result<(), SinkError> {
+pub async fn ensure_target(client: &mut Client, view: &View) -> Result<TargetState, SinkError> {
     let table = view.job.target.to_string();
     let tx = client.transaction().await?;
     let plan = plan_target(&tx, view).await?;
@@ -192,8 +207,21 @@ pub async fn ensure_target(client: &mut Client, view: &View) -> Result<(), SinkE
             })?;
         tracing::info!(job = %view.job.name, table = %table, ddl = %ddl, "changed target table");
     }
+    let target = &view.job.target;
+    let empty: bool = tx
+        .query_one(
+            &format!(
+                "select not exists (select from {})",
+                quote_qualified(&target.schema, &target.name)
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
     tx.commit().await?;
-    Ok(())
+    Ok(TargetState {
+        copy_direct: empty && plan.exact,
+    })
 }
 
 /// The problems `ensure_target` would refuse on, changing nothing (for `check`).
@@ -284,12 +312,16 @@ pub async fn create_staging(client: &Client, view: &View) -> Result<(), SinkErro
     Ok(())
 }
 
-/// `copy <staging> (...) from stdin (format binary)`.
-pub fn copy_in_sql(view: &View) -> String {
+/// `copy <staging or target> (...) from stdin (format binary)`.
+pub fn copy_in_sql(view: &View, direct: bool) -> String {
     let cols: Vec<String> = view.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let table = if direct {
+        quote_qualified(&view.job.target.schema, &view.job.target.name)
+    } else {
+        format!("pg_temp.{}", quote_ident(STAGE))
+    };
     format!(
-        "copy pg_temp.{} ({}) from stdin (format binary)",
-        quote_ident(STAGE),
+        "copy {table} ({}) from stdin (format binary)",
         cols.join(", ")
     )
 }

@@ -30,7 +30,9 @@ pub fn cluster() -> &'static Cluster {
 }
 
 pub async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
     tokio::spawn(conn);
     client
 }
@@ -51,7 +53,10 @@ impl Env {
         let tag = format!("{}_{n}", std::process::id());
         let admin = connect(&c.url("postgres")).await;
         for db in [format!("src_{tag}"), format!("dwh_{tag}")] {
-            admin.batch_execute(&format!("create database {db}")).await.unwrap();
+            admin
+                .batch_execute(&format!("create database {db}"))
+                .await
+                .unwrap();
         }
         let src_url = c.url(&format!("src_{tag}"));
         let dwh_url = c.url(&format!("dwh_{tag}"));
@@ -84,7 +89,11 @@ impl Env {
     }
 
     pub fn job(&self, name: &str, toml: &str) {
-        std::fs::write(self.dir.path().join("jobs").join(format!("{name}.toml")), toml).unwrap();
+        std::fs::write(
+            self.dir.path().join("jobs").join(format!("{name}.toml")),
+            toml,
+        )
+        .unwrap();
     }
 
     /// Run the real binary with this environment's config; every run has a deadline.
@@ -99,7 +108,10 @@ impl Env {
 
     pub fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtide"));
-        cmd.arg("--config").arg(self.config()).args(args).kill_on_drop(true);
+        cmd.arg("--config")
+            .arg(self.config())
+            .args(args)
+            .kill_on_drop(true);
         cmd.env("RUST_LOG", "pgtide=info");
         cmd
     }
@@ -119,7 +131,11 @@ impl Env {
     }
 
     pub async fn count(client: &Client, table: &str) -> i64 {
-        client.query_one(&format!("select count(*) from {table}"), &[]).await.unwrap().get(0)
+        client
+            .query_one(&format!("select count(*) from {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
     }
 }
 
@@ -138,7 +154,13 @@ impl Out {
     }
     /// Assert success, showing everything pgtide said otherwise.
     pub fn ok(self) -> Out {
-        assert_eq!(self.code(), 0, "pgtide failed\nstdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr());
+        assert_eq!(
+            self.code(),
+            0,
+            "pgtide failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout(),
+            self.stderr()
+        );
         self
     }
 }
