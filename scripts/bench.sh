@@ -3,7 +3,8 @@
 #   baseline: psql "copy (...) to stdout (format binary)" | psql "copy ... from stdin (format binary)"
 #             into an empty table with a primary key
 #   pgtide:   run-once of a 1:1 job into an empty DWH, and of a job with a value map and two
-#             JSON fields (the transforms' cost)
+#             JSON fields (the transforms' cost); then a replay of every row of the 1:1 job
+#             into its loaded target (the staged upsert path incremental runs take)
 # Prints rows/s for each, the ratios, and pgtide's peak RSS.  ROWS=... changes the size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -121,16 +122,23 @@ psql -d dwh -c checkpoint >/dev/null
 read -r plain plain_rss < <(run_job plain)
 psql -d dwh -c checkpoint >/dev/null
 read -r mapped mapped_rss < <(run_job mapped)
+# The staged path (what incremental runs use): replay every row into the loaded target.
+psql -d dwh -c checkpoint >/dev/null
+t0=$(now)
+/usr/bin/time -f "%M" -o "$work/rss" "$PGTIDE" --config "$work/cfg/pgtide.toml" replay plain >/dev/null
+t1=$(now)
+replay=$(python3 -c "print($t1 - $t0)"); replay_rss=$(tail -n 1 "$work/rss")
 
 n=$(psql -d dwh -Atc "select (select count(*) from orders_pgtide) || ' ' || (select count(*) from orders_mapped)")
 [ "$n" = "$ROWS $ROWS" ] || { echo "row counts differ: $n, expected $ROWS each" >&2; exit 1; }
-python3 - "$ROWS" "$base" "$plain" "$plain_rss" "$mapped" "$mapped_rss" "$BATCH" <<'PY'
+python3 - "$ROWS" "$base" "$plain" "$plain_rss" "$mapped" "$mapped_rss" "$replay" "$replay_rss" "$BATCH" <<'PY'
 import sys
-rows, base, plain, prss, mapped, mrss, batch = int(sys.argv[1]), *map(float, sys.argv[2:7]), sys.argv[7]
+rows, base, plain, prss, mapped, mrss, replay, rrss, batch = int(sys.argv[1]), *map(float, sys.argv[2:9]), sys.argv[9]
 print(f"\n{rows} rows, batch_size {batch}, source and DWH on one local PostgreSQL")
 print(f"{'':34} {'seconds':>8} {'rows/s':>10} {'vs baseline':>12} {'peak RSS':>10}")
 print(f"{'baseline copy | copy (binary)':34} {base:8.2f} {rows/base:10.0f} {1.0:12.2f} {'':>10}")
 print(f"{'pgtide run-once, 1:1 job':34} {plain:8.2f} {rows/plain:10.0f} {base/plain:12.2f} {prss/1024:8.1f} MiB")
 print(f"{'pgtide run-once, map + 2 json':34} {mapped:8.2f} {rows/mapped:10.0f} {base/mapped:12.2f} {mrss/1024:8.1f} MiB")
+print(f"{'pgtide replay, staged upsert':34} {replay:8.2f} {rows/replay:10.0f} {base/replay:12.2f} {rrss/1024:8.1f} MiB")
 print(f"transforms cost: map + 2 json job runs at {plain/mapped:.2f} of the 1:1 job's speed")
 PY

@@ -192,7 +192,9 @@ impl Context {
             summary.rows += rows;
             summary.changed += changed;
             summary.batches += 1;
-            self.store.progress_run(run, summary.rows as i64).await?;
+            self.store
+                .advance_run(&job.name, &pos, run, summary.rows as i64)
+                .await?;
             tracing::debug!(job = %job.name, rows, changed, ms = t.elapsed().as_millis() as u64, "batch committed");
         }
         tracing::info!(
@@ -206,7 +208,8 @@ impl Context {
         Ok(())
     }
 
-    /// Read and apply the next batch past the watermark; `None` when there is none.
+    /// Read and apply the next batch past the watermark; `None` when there is none. The caller
+    /// records the new position locally.
     async fn batch(
         &self,
         s: &mut Session,
@@ -253,7 +256,6 @@ impl Context {
         };
         drop(tx);
         *pos = next;
-        self.store.advance(&view.job.name, pos).await?;
         Ok(Some((rows, changed)))
     }
 
