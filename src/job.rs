@@ -6,7 +6,7 @@
 //! overwritten from it at the start of the run.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
@@ -79,13 +79,6 @@ struct Session {
     /// Copy batches straight into the target (it was empty with exactly the view's types)
     /// until a key turns out to exist already; then stage and upsert.
     copy_direct: bool,
-}
-
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 impl Context {
@@ -233,7 +226,7 @@ impl Context {
         };
         let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
         let mut next = pos.clone();
-        next.advance(hi, &snap, now_secs(), merge);
+        next.advance(hi, &snap, merge);
         let ranges = [range];
         let mut done = None;
         if s.copy_direct {
@@ -263,6 +256,7 @@ impl Context {
     /// see, then close the windows that this snapshot settles.
     async fn recheck(&self, s: &mut Session, pos: &mut Position) -> Result<(u64, usize), JobError> {
         let view = &s.view;
+        let horizon = source::horizon(&s.source).await.map_err(JobError::Source)?;
         let (tx, snap) = source::begin(&mut s.source)
             .await
             .map_err(JobError::Source)?;
@@ -291,7 +285,7 @@ impl Context {
             });
         }
         let mut next = pos.clone();
-        let dropped = next.settle(&snap, now_secs());
+        let dropped = next.settle(&snap, horizon);
         let (rows, _) = staged(
             &tx,
             &mut s.dwh,

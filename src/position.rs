@@ -6,17 +6,19 @@
 //! (`xip`) and the first transaction id not yet assigned (`xmax`). A row in `(lo, hi]` that
 //! the snapshot could not see was written by one of those. Later runs re-read exactly those
 //! rows (`xmin` in `xip`, or `xmin` at or after `xmax`), and close the window once a newer
-//! snapshot shows every such transaction finished and a grace time has passed (for
-//! transactions that took their cursor value, a sequence number or `now()`, before they got
-//! a transaction id).
+//! snapshot shows every such transaction finished, and no transaction that was already open
+//! when the window was read can still write: either every session of the database is visible
+//! and started later, or a grace time has passed. (A transaction can take its cursor value,
+//! a sequence number or `now()`, before it has a transaction id.) Times are the source's clock.
 //!
 //! Positions move forward only: `seq` grows with every committed batch.
 
 use serde::{Deserialize, Serialize};
 
-/// How long a window stays open after every transaction it knew of has finished: covers a
-/// writer that took its cursor value (`nextval()`, `now()`) this long before its first write.
-pub const SETTLE_GRACE_SECS: i64 = 300;
+/// How long a window stays open after every transaction it knew of has finished, when the
+/// source does not show pgtide every session: covers a writer that took its cursor value
+/// (`nextval()`, `now()`) up to this long before its first write.
+pub const SETTLE_GRACE_US: i64 = 300 * 1_000_000;
 /// More open windows than this are merged (oldest first) so the recheck query stays small;
 /// merging only widens what is re-read.
 pub const MAX_WINDOWS: usize = 32;
@@ -40,22 +42,40 @@ pub struct Window {
     pub xip: Vec<u64>,
     /// The snapshot's xmax (xid8): transactions from here on had not started writing.
     pub xmax: u64,
-    /// When the range was read (unix seconds).
-    pub read_at: i64,
+    /// When the range was read (the source's clock, microseconds since the epoch).
+    pub read_at_us: i64,
 }
 
-/// What `pg_current_snapshot()` said.
+/// What `pg_current_snapshot()` said, and when (the source's clock).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub xmin: u64,
     pub xmax: u64,
     pub xip: Vec<u64>,
+    pub at_us: i64,
+}
+
+/// The start of the oldest open transaction among the database's other sessions, read just
+/// before a snapshot was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Horizon {
+    /// Every session was visible: the oldest open transaction's start, or `None` if none was open.
+    Known(Option<i64>),
+    /// Some sessions were hidden (pgtide's role lacks `pg_read_all_stats`).
+    Unknown,
 }
 
 impl Window {
-    /// Whether a recheck taken in `snap` at time `now` is the last one this window needs.
-    pub fn settled_in(&self, snap: &Snapshot, now: i64) -> bool {
-        snap.xmin >= self.xmax && now - self.read_at >= SETTLE_GRACE_SECS
+    /// Whether a recheck taken in `snap` (with `horizon` read just before it) is the last
+    /// one this window needs.
+    pub fn settled_in(&self, snap: &Snapshot, horizon: Horizon) -> bool {
+        let writers_done = snap.xmin >= self.xmax;
+        let no_old_transaction = match horizon {
+            Horizon::Known(None) => true,
+            Horizon::Known(Some(oldest)) => oldest > self.read_at_us,
+            Horizon::Unknown => false,
+        };
+        writers_done && (no_old_transaction || snap.at_us - self.read_at_us >= SETTLE_GRACE_US)
     }
 
     /// `xip` as 32-bit xids in an array literal, for `xmin = any(...)`.
@@ -85,7 +105,7 @@ impl Window {
                 self.xip.push(x);
             }
         }
-        self.read_at = self.read_at.max(later.read_at);
+        self.read_at_us = self.read_at_us.max(later.read_at_us);
     }
 }
 
@@ -93,13 +113,13 @@ impl Position {
     /// Record that rows in `(watermark, hi]` were read in `snap`: the watermark moves to `hi`
     /// and a window remembers the snapshot. `merge_last` folds it into the previous window
     /// (used for consecutive batches of one run, which are contiguous).
-    pub fn advance(&mut self, hi: Vec<String>, snap: &Snapshot, now: i64, merge_last: bool) {
+    pub fn advance(&mut self, hi: Vec<String>, snap: &Snapshot, merge_last: bool) {
         let window = Window {
             lo: self.watermark.clone(),
             hi: hi.clone(),
             xip: snap.xip.clone(),
             xmax: snap.xmax,
-            read_at: now,
+            read_at_us: snap.at_us,
         };
         match self.windows.last_mut() {
             Some(last) if merge_last && last.hi == window.lo.clone().unwrap_or_default() => {
@@ -116,9 +136,9 @@ impl Position {
     }
 
     /// Drop the windows a recheck in `snap` has settled; returns how many were dropped.
-    pub fn settle(&mut self, snap: &Snapshot, now: i64) -> usize {
+    pub fn settle(&mut self, snap: &Snapshot, horizon: Horizon) -> usize {
         let before = self.windows.len();
-        self.windows.retain(|w| !w.settled_in(snap, now));
+        self.windows.retain(|w| !w.settled_in(snap, horizon));
         let dropped = before - self.windows.len();
         if dropped > 0 {
             self.seq += 1;
@@ -131,58 +151,90 @@ impl Position {
 mod tests {
     use super::*;
 
-    fn snap(xmin: u64, xmax: u64, xip: &[u64]) -> Snapshot {
+    const S: i64 = 1_000_000;
+
+    fn snap(xmin: u64, xmax: u64, xip: &[u64], at_s: i64) -> Snapshot {
         Snapshot {
             xmin,
             xmax,
             xip: xip.to_vec(),
+            at_us: at_s * S,
         }
     }
 
     #[test]
     fn advancing_moves_the_watermark_and_opens_a_window() {
         let mut p = Position::default();
-        p.advance(vec!["10".into()], &snap(5, 9, &[5, 7]), 1000, false);
+        p.advance(vec!["10".into()], &snap(5, 9, &[5, 7], 1000), false);
         assert_eq!(p.watermark, Some(vec!["10".into()]));
         assert_eq!(p.seq, 1);
         assert_eq!(p.windows.len(), 1);
         assert_eq!(p.windows[0].lo, None);
+        assert_eq!(p.windows[0].read_at_us, 1000 * S);
         assert_eq!(p.windows[0].xip_literal(), "{5,7}");
     }
 
     #[test]
     fn consecutive_batches_merge_into_the_widest_window() {
         let mut p = Position::default();
-        p.advance(vec!["10".into()], &snap(5, 9, &[5]), 1000, false);
-        p.advance(vec!["20".into()], &snap(6, 12, &[6, 11]), 1001, true);
+        p.advance(vec!["10".into()], &snap(5, 9, &[5], 1000), false);
+        p.advance(vec!["20".into()], &snap(6, 12, &[6, 11], 1001), true);
         assert_eq!(p.windows.len(), 1);
         let w = &p.windows[0];
         assert_eq!((w.lo.clone(), w.hi.clone()), (None, vec!["20".to_string()]));
         assert_eq!(w.xmax, 9);
         assert_eq!(w.xip, vec![5, 6, 11]);
-        assert_eq!(w.read_at, 1001);
-        p.advance(vec!["30".into()], &snap(12, 13, &[]), 1002, false);
+        assert_eq!(w.read_at_us, 1001 * S);
+        p.advance(vec!["30".into()], &snap(12, 13, &[], 1002), false);
         assert_eq!(p.windows.len(), 2);
     }
 
     #[test]
-    fn a_window_settles_only_after_its_transactions_and_the_grace_time() {
+    fn without_a_view_of_every_session_a_window_waits_for_the_grace_time() {
         let mut p = Position::default();
-        p.advance(vec!["10".into()], &snap(5, 9, &[5]), 1000, false);
+        p.advance(vec!["10".into()], &snap(5, 9, &[5], 1000), false);
+        let grace = SETTLE_GRACE_US / S;
         assert_eq!(
-            p.settle(&snap(8, 20, &[8]), 1000 + SETTLE_GRACE_SECS),
+            p.settle(&snap(8, 20, &[8], 1000 + grace), Horizon::Unknown),
             0,
             "xid 8 < xmax 9 still running"
         );
         assert_eq!(
-            p.settle(&snap(9, 20, &[]), 1000 + SETTLE_GRACE_SECS - 1),
+            p.settle(&snap(9, 20, &[], 1000 + grace - 1), Horizon::Unknown),
             0,
             "grace time not over"
         );
         let seq = p.seq;
-        assert_eq!(p.settle(&snap(9, 20, &[]), 1000 + SETTLE_GRACE_SECS), 1);
+        assert_eq!(
+            p.settle(&snap(9, 20, &[], 1000 + grace), Horizon::Unknown),
+            1
+        );
         assert!(p.windows.is_empty());
         assert_eq!(p.seq, seq + 1);
+    }
+
+    #[test]
+    fn with_every_session_visible_a_window_settles_once_older_transactions_are_gone() {
+        let mut p = Position::default();
+        p.advance(vec!["10".into()], &snap(5, 9, &[5], 1000), false);
+        // A transaction that started before the read is still open (it may hold a cursor value).
+        assert_eq!(
+            p.settle(&snap(9, 20, &[], 1001), Horizon::Known(Some(999 * S))),
+            0
+        );
+        assert_eq!(
+            p.settle(&snap(9, 20, &[], 1001), Horizon::Known(Some(1000 * S))),
+            0,
+            "same instant is not later"
+        );
+        // Its writers are done but xid 8 is not: still open whatever the horizon.
+        assert_eq!(p.settle(&snap(8, 20, &[8], 1001), Horizon::Known(None)), 0);
+        assert_eq!(
+            p.settle(&snap(9, 20, &[], 1001), Horizon::Known(Some(1000 * S + 1))),
+            1
+        );
+        p.advance(vec!["20".into()], &snap(9, 21, &[], 1002), false);
+        assert_eq!(p.settle(&snap(21, 22, &[], 1003), Horizon::Known(None)), 1);
     }
 
     #[test]
@@ -191,8 +243,7 @@ mod tests {
         for i in 0..(MAX_WINDOWS as u64 + 5) {
             p.advance(
                 vec![(i * 10 + 10).to_string()],
-                &snap(i, i + 100, &[i + 50]),
-                i as i64,
+                &snap(i, i + 100, &[i + 50], i as i64),
                 false,
             );
         }
@@ -210,7 +261,7 @@ mod tests {
             hi: vec![],
             xip: vec![(1 << 32) + 7],
             xmax: (2 << 32) + 9,
-            read_at: 0,
+            read_at_us: 0,
         };
         assert_eq!(w.xip_literal(), "{7}");
         assert_eq!(w.xmax_xid(), "9");

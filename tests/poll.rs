@@ -170,6 +170,44 @@ async fn transactions_committing_out_of_order_are_not_lost() {
     env.pgtide(&["run-once"]).await.ok();
     assert_converged(&env).await;
     assert_eq!(Env::count(&env.dwh, "dw.orders").await, 3 + 5 * 14);
+
+    // The timestamp trap: a transaction reads now() (its start time) long before its first
+    // write, so it has no transaction id while later rows are loaded past its timestamp.
+    let early = support::connect(&env.src_url).await;
+    early.batch_execute("begin; select now()").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    env.src
+        .batch_execute("insert into orders (customer_id, amount) values (4, 4.00)")
+        .await
+        .unwrap();
+    env.pgtide(&["run-once"]).await.ok();
+    // A run while it is still open must keep the window open.
+    env.pgtide(&["run-once"]).await.ok();
+    early
+        .batch_execute("insert into orders (customer_id, amount) values (5, 5.00); commit")
+        .await
+        .unwrap();
+    let late: (String, String) = {
+        let r = env.src.query_one("select max(updated_at)::text, (select updated_at::text from orders where customer_id = 5) from orders where customer_id = 4", &[]).await.unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        late.1 < late.0,
+        "the late row must sit below the watermark: {late:?}"
+    );
+    let out = env.pgtide(&["run-once"]).await.ok();
+    assert!(
+        out.stdout().contains("1 late rows found by recheck"),
+        "{}",
+        out.stdout()
+    );
+    assert_converged(&env).await;
+
+    // With every session visible and no transaction open, the windows close by themselves.
+    env.pgtide(&["run-once"]).await.ok();
+    let v: serde_json::Value =
+        serde_json::from_str(&env.pgtide(&["status", "--json"]).await.ok().stdout()).unwrap();
+    assert_eq!(v[0]["open_windows"], 0, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,7 +9,7 @@
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, CopyOutStream, IsolationLevel, Transaction};
 
-use crate::position::Snapshot;
+use crate::position::{Horizon, Snapshot};
 use crate::view::{resolve::settings_statement, sql, Setting, View};
 
 /// Start a read transaction and record its snapshot.
@@ -25,7 +25,8 @@ pub async fn begin(
     let row = tx
         .query_one(
             "select pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
-                    array(select pg_snapshot_xip(s)::text)
+                    array(select pg_snapshot_xip(s)::text),
+                    (extract(epoch from clock_timestamp()) * 1000000)::int8
              from (select pg_current_snapshot() as s) x",
             &[],
         )
@@ -39,8 +40,34 @@ pub async fn begin(
             .into_iter()
             .map(parse)
             .collect(),
+        at_us: row.get(3),
     };
     Ok((tx, snapshot))
+}
+
+/// The start of the oldest open transaction among this database's other client sessions,
+/// read before a snapshot is taken (so a transaction that ends in between is visible to
+/// that snapshot). Sessions of pgtide itself only read and are left out.
+pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            // Sessions of other roles are hidden without pg_read_all_stats: backend_type and
+            // state read NULL for them (checked on PostgreSQL 15).
+            "select count(*) filter (where backend_type is null),
+                    min((extract(epoch from xact_start) * 1000000)::int8)
+             from pg_stat_activity
+             where datname = current_database() and pid <> pg_backend_pid()
+               and (backend_type = 'client backend' or backend_type is null)
+               and application_name not like 'pgtide:%'",
+            &[],
+        )
+        .await?;
+    let hidden: i64 = row.get(0);
+    Ok(if hidden > 0 {
+        Horizon::Unknown
+    } else {
+        Horizon::Known(row.get(1))
+    })
 }
 
 /// The last cursor value of the next batch after `lo` (up to `hi`), or `None` when no rows remain.
