@@ -287,7 +287,7 @@ async fn run_once(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
                 s.changed,
                 s.batches,
                 if s.rechecked > 0 {
-                    format!(" ({} late rows found by recheck)", s.rechecked)
+                    format!(" ({} re-read by recheck)", s.rechecked)
                 } else {
                     String::new()
                 }

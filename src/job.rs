@@ -60,7 +60,7 @@ pub struct RunSummary {
     /// Rows the DWH inserted or changed (unchanged rows are not rewritten).
     pub changed: u64,
     pub batches: u64,
-    /// Rows found again by rechecking open windows.
+    /// Rows re-read by rechecking open windows (included in `rows`).
     pub rechecked: u64,
 }
 
@@ -172,10 +172,11 @@ impl Context {
         let started = Instant::now();
         let mut pos = self.position(s).await?;
         if !pos.windows.is_empty() {
-            let (rows, dropped) = self.recheck(s, &mut pos).await?;
+            let (rows, changed, dropped) = self.recheck(s, &mut pos).await?;
             summary.rechecked = rows;
             summary.rows += rows;
-            tracing::debug!(job = %job.name, rows, settled = dropped, open = pos.windows.len(), "rechecked windows");
+            summary.changed += changed;
+            tracing::debug!(job = %job.name, rows, changed, settled = dropped, open = pos.windows.len(), "rechecked windows");
         }
         loop {
             let t = Instant::now();
@@ -254,7 +255,12 @@ impl Context {
 
     /// Re-read rows of open windows written by transactions the windows' snapshots could not
     /// see, then close the windows that this snapshot settles.
-    async fn recheck(&self, s: &mut Session, pos: &mut Position) -> Result<(u64, usize), JobError> {
+    /// Returns (rows re-read, rows changed, windows closed).
+    async fn recheck(
+        &self,
+        s: &mut Session,
+        pos: &mut Position,
+    ) -> Result<(u64, u64, usize), JobError> {
         let view = &s.view;
         let horizon = source::horizon(&s.source).await.map_err(JobError::Source)?;
         let (tx, snap) = source::begin(&mut s.source)
@@ -285,8 +291,8 @@ impl Context {
             });
         }
         let mut next = pos.clone();
-        let dropped = next.settle(&snap, horizon);
-        let (rows, _) = staged(
+        let dropped = next.settle(&snap, &horizon);
+        let (rows, changed) = staged(
             &tx,
             &mut s.dwh,
             view,
@@ -300,7 +306,7 @@ impl Context {
             *pos = next;
             self.store.advance(&view.job.name, pos).await?;
         }
-        Ok((rows, dropped))
+        Ok((rows, changed, dropped))
     }
 
     /// Reload the view rows whose cursor lies in `(from, to]`, leaving the position alone.

@@ -6,7 +6,7 @@
 //! (`xip`) and the first transaction id not yet assigned (`xmax`). A row in `(lo, hi]` that
 //! the snapshot could not see was written by one of those. Later runs re-read exactly those
 //! rows (`xmin` in `xip`, or `xmin` at or after `xmax`), and close the window once a newer
-//! snapshot shows every such transaction finished, and no transaction that was already open
+//! snapshot shows the transactions of `xip` finished, and no transaction that was already open
 //! when the window was read can still write: either every session of the database is visible
 //! and started later, or a grace time has passed. (A transaction can take its cursor value,
 //! a sequence number or `now()`, before it has a transaction id.) Times are the source's clock.
@@ -55,27 +55,58 @@ pub struct Snapshot {
     pub at_us: i64,
 }
 
-/// The start of the oldest open transaction among the database's other sessions, read just
-/// before a snapshot was taken.
+impl Snapshot {
+    /// Whether transaction `xid` had ended when this snapshot was taken.
+    pub fn finished(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
+    }
+}
+
+/// What `pg_stat_activity` showed just before a snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Horizon {
+    pub oldest: Oldest,
+    /// Transactions (32-bit xids) running in other databases: they cannot write this one's rows.
+    pub elsewhere: Vec<u32>,
+}
+
+/// The oldest open transaction among this database's other sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Horizon {
-    /// Every session was visible: the oldest open transaction's start, or `None` if none was open.
-    Known(Option<i64>),
+pub enum Oldest {
+    /// Every session was visible and none was in a transaction.
+    NoneOpen,
+    /// Every session was visible; the oldest open transaction started then (microseconds).
+    Since(i64),
     /// Some sessions were hidden (pgtide's role lacks `pg_read_all_stats`).
-    Unknown,
+    Hidden,
+}
+
+impl Horizon {
+    /// Nothing known: windows close only by the grace time.
+    pub fn unknown() -> Horizon {
+        Horizon {
+            oldest: Oldest::Hidden,
+            elsewhere: Vec::new(),
+        }
+    }
 }
 
 impl Window {
     /// Whether a recheck taken in `snap` (with `horizon` read just before it) is the last
-    /// one this window needs.
-    pub fn settled_in(&self, snap: &Snapshot, horizon: Horizon) -> bool {
-        let writers_done = snap.xmin >= self.xmax;
-        let no_old_transaction = match horizon {
-            Horizon::Known(None) => true,
-            Horizon::Known(Some(oldest)) => oldest > self.read_at_us,
-            Horizon::Unknown => false,
+    /// one this window needs: the transactions in progress when it was read have ended, and
+    /// no transaction that was open then (perhaps without an id, holding a cursor value) can
+    /// still write. Transactions that start later take ids and `now()` values above `hi`.
+    pub fn settled_in(&self, snap: &Snapshot, horizon: &Horizon) -> bool {
+        let in_progress_ended = self
+            .xip
+            .iter()
+            .all(|x| snap.finished(*x) || horizon.elsewhere.contains(&((x & 0xffff_ffff) as u32)));
+        let no_old_transaction = match horizon.oldest {
+            Oldest::NoneOpen => true,
+            Oldest::Since(oldest) => oldest > self.read_at_us,
+            Oldest::Hidden => false,
         };
-        writers_done && (no_old_transaction || snap.at_us - self.read_at_us >= SETTLE_GRACE_US)
+        in_progress_ended && (no_old_transaction || snap.at_us - self.read_at_us >= SETTLE_GRACE_US)
     }
 
     /// `xip` as 32-bit xids in an array literal, for `xmin = any(...)`.
@@ -136,7 +167,7 @@ impl Position {
     }
 
     /// Drop the windows a recheck in `snap` has settled; returns how many were dropped.
-    pub fn settle(&mut self, snap: &Snapshot, horizon: Horizon) -> usize {
+    pub fn settle(&mut self, snap: &Snapshot, horizon: &Horizon) -> usize {
         let before = self.windows.len();
         self.windows.retain(|w| !w.settled_in(snap, horizon));
         let dropped = before - self.windows.len();
@@ -152,6 +183,13 @@ mod tests {
     use super::*;
 
     const S: i64 = 1_000_000;
+
+    fn known(oldest: Oldest) -> Horizon {
+        Horizon {
+            oldest,
+            elsewhere: Vec::new(),
+        }
+    }
 
     fn snap(xmin: u64, xmax: u64, xip: &[u64], at_s: i64) -> Snapshot {
         Snapshot {
@@ -195,18 +233,19 @@ mod tests {
         p.advance(vec!["10".into()], &snap(5, 9, &[5], 1000), false);
         let grace = SETTLE_GRACE_US / S;
         assert_eq!(
-            p.settle(&snap(8, 20, &[8], 1000 + grace), Horizon::Unknown),
+            p.settle(&snap(5, 20, &[5, 8], 1000 + grace), &Horizon::unknown()),
             0,
-            "xid 8 < xmax 9 still running"
+            "xid 5 still running"
         );
         assert_eq!(
-            p.settle(&snap(9, 20, &[], 1000 + grace - 1), Horizon::Unknown),
+            p.settle(&snap(3, 20, &[3], 1000 + grace - 1), &Horizon::unknown()),
             0,
             "grace time not over"
         );
         let seq = p.seq;
+        // xid 3 (another database, say) holds xmin back; it does not matter to this window.
         assert_eq!(
-            p.settle(&snap(9, 20, &[], 1000 + grace), Horizon::Unknown),
+            p.settle(&snap(3, 20, &[3], 1000 + grace), &Horizon::unknown()),
             1
         );
         assert!(p.windows.is_empty());
@@ -219,22 +258,57 @@ mod tests {
         p.advance(vec!["10".into()], &snap(5, 9, &[5], 1000), false);
         // A transaction that started before the read is still open (it may hold a cursor value).
         assert_eq!(
-            p.settle(&snap(9, 20, &[], 1001), Horizon::Known(Some(999 * S))),
+            p.settle(&snap(9, 20, &[], 1001), &known(Oldest::Since(999 * S))),
             0
         );
         assert_eq!(
-            p.settle(&snap(9, 20, &[], 1001), Horizon::Known(Some(1000 * S))),
+            p.settle(&snap(9, 20, &[], 1001), &known(Oldest::Since(1000 * S))),
             0,
             "same instant is not later"
         );
-        // Its writers are done but xid 8 is not: still open whatever the horizon.
-        assert_eq!(p.settle(&snap(8, 20, &[8], 1001), Horizon::Known(None)), 0);
+        // Nothing old is open, but xid 5 from the window's snapshot is: still open.
         assert_eq!(
-            p.settle(&snap(9, 20, &[], 1001), Horizon::Known(Some(1000 * S + 1))),
+            p.settle(&snap(5, 20, &[5], 1001), &known(Oldest::NoneOpen)),
+            0
+        );
+        assert_eq!(
+            p.settle(
+                &snap(6, 20, &[7], 1001),
+                &known(Oldest::Since(1000 * S + 1))
+            ),
             1
         );
         p.advance(vec!["20".into()], &snap(9, 21, &[], 1002), false);
-        assert_eq!(p.settle(&snap(21, 22, &[], 1003), Horizon::Known(None)), 1);
+        assert_eq!(
+            p.settle(&snap(2, 22, &[2], 1003), &known(Oldest::NoneOpen)),
+            1
+        );
+    }
+
+    #[test]
+    fn transactions_of_other_databases_do_not_hold_a_window_open() {
+        let mut p = Position::default();
+        p.advance(vec!["10".into()], &snap(5, 9, &[5, 7], 1000), false);
+        let h = Horizon {
+            oldest: Oldest::NoneOpen,
+            elsewhere: vec![5],
+        };
+        assert_eq!(
+            p.settle(&snap(5, 20, &[5, 7], 1001), &h),
+            0,
+            "xid 7 may be ours"
+        );
+        assert_eq!(p.settle(&snap(5, 20, &[5], 1001), &h), 1);
+    }
+
+    #[test]
+    fn a_snapshot_knows_which_transactions_ended() {
+        let s = snap(10, 20, &[10, 15], 0);
+        assert!(s.finished(9));
+        assert!(!s.finished(10));
+        assert!(s.finished(12));
+        assert!(!s.finished(15));
+        assert!(!s.finished(20), "not yet started counts as not ended");
     }
 
     #[test]

@@ -145,7 +145,8 @@ async fn transactions_committing_out_of_order_are_not_lost() {
     slow.batch_execute("commit").await.unwrap();
     let out = env.pgtide(&["run-once"]).await.ok();
     assert!(
-        out.stdout().contains("1 late rows found by recheck"),
+        out.stdout()
+            .contains("1 rows read, 1 changed, 0 batches (1 re-read by recheck)"),
         "{}",
         out.stdout()
     );
@@ -195,9 +196,16 @@ async fn transactions_committing_out_of_order_are_not_lost() {
         late.1 < late.0,
         "the late row must sit below the watermark: {late:?}"
     );
+    // Rechecks may re-read rows loaded before (other transactions on the server hold windows
+    // open); what counts is that the late row arrives, and is the one row that changed.
     let out = env.pgtide(&["run-once"]).await.ok();
     assert!(
-        out.stdout().contains("1 late rows found by recheck"),
+        out.stdout().contains("1 changed, 0 batches"),
+        "{}",
+        out.stdout()
+    );
+    assert!(
+        out.stdout().contains("re-read by recheck"),
         "{}",
         out.stdout()
     );

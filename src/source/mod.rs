@@ -9,7 +9,7 @@
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, CopyOutStream, IsolationLevel, Transaction};
 
-use crate::position::{Horizon, Snapshot};
+use crate::position::{Horizon, Oldest, Snapshot};
 use crate::view::{resolve::settings_statement, sql, Setting, View};
 
 /// Start a read transaction and record its snapshot.
@@ -45,28 +45,39 @@ pub async fn begin(
     Ok((tx, snapshot))
 }
 
-/// The start of the oldest open transaction among this database's other client sessions,
-/// read before a snapshot is taken (so a transaction that ends in between is visible to
-/// that snapshot). Sessions of pgtide itself only read and are left out.
+/// What `pg_stat_activity` shows about other sessions, read before a snapshot is taken (so a
+/// transaction that ends in between is visible to that snapshot): the start of the oldest
+/// open transaction in this database (pgtide's own sessions only read and are left out), and
+/// the transactions running in other databases.
 pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> {
     let row = client
         .query_one(
-            // Sessions of other roles are hidden without pg_read_all_stats: backend_type and
-            // state read NULL for them (checked on PostgreSQL 15).
-            "select count(*) filter (where backend_type is null),
-                    min((extract(epoch from xact_start) * 1000000)::int8)
-             from pg_stat_activity
-             where datname = current_database() and pid <> pg_backend_pid()
-               and (backend_type = 'client backend' or backend_type is null)
-               and application_name not like 'pgtide:%'",
+            // Sessions of other roles are hidden without pg_read_all_stats: backend_type,
+            // state and backend_xid read NULL for them (checked on PostgreSQL 15).
+            "select count(*) filter (where here and backend_type is null),
+                    min((extract(epoch from xact_start) * 1000000)::int8) filter (where here),
+                    array_agg(backend_xid::text) filter (where not here and backend_xid is not null)
+             from (select *, datname = current_database() as here from pg_stat_activity
+                   where pid <> pg_backend_pid() and datname is not null
+                     and (backend_type = 'client backend' or backend_type is null)
+                     and application_name not like 'pgtide:%') a",
             &[],
         )
         .await?;
     let hidden: i64 = row.get(0);
-    Ok(if hidden > 0 {
-        Horizon::Unknown
-    } else {
-        Horizon::Known(row.get(1))
+    let oldest: Option<i64> = row.get(1);
+    let elsewhere: Option<Vec<String>> = row.get(2);
+    Ok(Horizon {
+        oldest: match (hidden, oldest) {
+            (0, None) => Oldest::NoneOpen,
+            (0, Some(t)) => Oldest::Since(t),
+            _ => Oldest::Hidden,
+        },
+        elsewhere: elsewhere
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|x| x.parse().ok())
+            .collect(),
     })
 }
 
