@@ -224,6 +224,13 @@ async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
     let mut problems = Vec::new();
     let mut unreachable = Vec::new();
     for job in jobs {
+        if job.mode == Mode::Notify {
+            unreachable.push(format!(
+                "job {}: mode = \"notify\" is not available in this version",
+                job.name
+            ));
+            continue;
+        }
         let source = match ctx.connect_source(job).await {
             Ok(c) => c,
             Err(e) => {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
-use crate::config::{Config, JobSpec};
+use crate::config::{Config, JobSpec, Mode};
 use crate::pg::{self, PgError, Retry};
 use crate::position::Position;
 use crate::sink::{self, SinkError};
@@ -34,6 +34,9 @@ pub enum JobError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// Something this version of pgtide cannot do yet.
+    #[error("{0}")]
+    Unsupported(String),
     /// A value given on the command line that the job cannot use.
     #[error("{0}")]
     Input(String),
@@ -81,6 +84,15 @@ struct Session {
     copy_direct: bool,
 }
 
+impl Session {
+    /// End the session, releasing the job's lock. A broken connection has lost it already.
+    async fn close(self) {
+        if let Err(e) = sink::unlock(&self.dwh, &self.view.job.name).await {
+            tracing::debug!(job = %self.view.job.name, error = %e, "unlock failed; the lock ends with the session");
+        }
+    }
+}
+
 impl Context {
     fn application(job: &JobSpec) -> String {
         format!("pgtide:{}", job.name)
@@ -100,8 +112,19 @@ impl Context {
         Ok(pg::connect(&self.config.dwh.url, &Self::application(job), "dwh").await?)
     }
 
+    /// Notify jobs are part of the contract but not built yet: refuse them rather than poll.
+    fn supported(&self, job: &JobSpec) -> Result<(), JobError> {
+        match job.mode {
+            Mode::Poll => Ok(()),
+            Mode::Notify => Err(JobError::Unsupported(
+                "mode = \"notify\" is not available in this version; use mode = \"poll\"".into(),
+            )),
+        }
+    }
+
     /// Connect both sides, take the job's lock, resolve the view and prepare the target.
     async fn open(&self, job: &Arc<JobSpec>) -> Result<Session, JobError> {
+        self.supported(job)?;
         let mut dwh = self.connect_dwh(job).await?;
         if !sink::try_lock(&dwh, &job.name).await? {
             return Err(JobError::Locked);
@@ -159,6 +182,7 @@ impl Context {
         self.store
             .finish_run(run, summary.rows as i64, error)
             .await?;
+        session.close().await;
         result.map(|()| summary)
     }
 
@@ -318,16 +342,22 @@ impl Context {
         to: Option<Vec<String>>,
         dry_run: bool,
     ) -> Result<RunSummary, JobError> {
-        let mut s = self.open(job).await?;
-        let from = self.normalize(&s, from, "--from").await?;
-        let to = self.normalize(&s, to, "--to").await?;
         let mut summary = RunSummary::default();
         if dry_run {
-            summary.rows = source::count(&s.source, &s.view, from.as_deref(), to.as_deref())
+            // Only the source is asked: a dry run changes nothing anywhere.
+            self.supported(job)?;
+            let source = self.connect_source(job).await?;
+            let view = view::resolve(&source, job).await?;
+            let from = normalize(&source, &view, from, "--from").await?;
+            let to = normalize(&source, &view, to, "--to").await?;
+            summary.rows = source::count(&source, &view, from.as_deref(), to.as_deref())
                 .await
                 .map_err(JobError::Source)? as u64;
             return Ok(summary);
         }
+        let mut s = self.open(job).await?;
+        let from = normalize(&s.source, &s.view, from, "--from").await?;
+        let to = normalize(&s.source, &s.view, to, "--to").await?;
         let run = self.store.start_run(&job.name).await?;
         let result = async {
             let mut lo = from;
@@ -365,6 +395,7 @@ impl Context {
         self.store
             .finish_run(run, summary.rows as i64, error)
             .await?;
+        s.close().await;
         result.map(|()| summary)
     }
 
@@ -375,7 +406,7 @@ impl Context {
         to: Option<Vec<String>>,
     ) -> Result<Position, JobError> {
         let mut s = self.open(job).await?;
-        let to = self.normalize(&s, to, "--to").await?;
+        let to = normalize(&s.source, &s.view, to, "--to").await?;
         let local = self.store.position(&job.name).await?.map_or(0, |p| p.seq);
         let remote = sink::read_position(&s.dwh, &job.name)
             .await?
@@ -389,22 +420,8 @@ impl Context {
         sink::write_position(&tx, &job.name, &pos).await?;
         tx.commit().await.map_err(SinkError::from)?;
         self.store.overwrite(&job.name, &pos).await?;
+        s.close().await;
         Ok(pos)
-    }
-
-    async fn normalize(
-        &self,
-        s: &Session,
-        v: Option<Vec<String>>,
-        flag: &str,
-    ) -> Result<Option<Vec<String>>, JobError> {
-        match v {
-            None => Ok(None),
-            Some(v) => source::normalize(&s.source, &s.view, &v)
-                .await
-                .map(Some)
-                .map_err(|m| JobError::Input(format!("{flag}: {m}"))),
-        }
     }
 
     /// Source rows past the stored watermark, for `status`.
@@ -419,6 +436,22 @@ impl Context {
         source::count(&source, &view, wm.as_deref(), None)
             .await
             .map_err(JobError::Source)
+    }
+}
+
+/// A watermark value from the command line, checked and canonicalized by the source.
+async fn normalize(
+    source: &Client,
+    view: &View,
+    v: Option<Vec<String>>,
+    flag: &str,
+) -> Result<Option<Vec<String>>, JobError> {
+    match v {
+        None => Ok(None),
+        Some(v) => source::normalize(source, view, &v)
+            .await
+            .map(Some)
+            .map_err(|m| JobError::Input(format!("{flag}: {m}"))),
     }
 }
 
@@ -459,8 +492,10 @@ async fn transfer(
     .await;
     let rows = match copied {
         Ok(rows) => rows,
+        // A key already in the target, or a batch the target refuses (a NULL or repeated
+        // key): the staged path applies the first and names the row of the others.
         Err(JobError::Sink(SinkError::Db(e)))
-            if direct && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+            if direct && e.code().is_some_and(|c| c.code().starts_with("23")) =>
         {
             tracing::info!(job = %view.job.name, "a key is in the target already; staging and upserting from here on");
             return Ok(None);

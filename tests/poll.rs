@@ -821,3 +821,50 @@ async fn a_first_load_that_meets_a_key_again_falls_back_to_upserts() {
         vec!["(1,3,c)", "(2,5,e)", "(3,4,d)", "(4,6,f)"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_null_key_is_named_with_its_row() {
+    let env = orders_env().await;
+    env.src
+        .batch_execute(
+            "create table refs (order_id bigint, code text);
+             insert into orders (customer_id, amount) values (1, 1), (2, 2);
+             insert into refs values (1, 'A');",
+        )
+        .await
+        .unwrap();
+    env.job(
+        "refs",
+        r#"interval_secs = 5
+        key = ["code"]
+        watermark = ["id"]
+        [from]
+        table = "orders"
+        as = "o"
+        [[join]]
+        table = "refs"
+        as = "r"
+        type = "left"
+        on = { "o.id" = "r.order_id" }
+        [[column]]
+        name = "code"
+        from = "r.code"
+        [[column]]
+        name = "order_id"
+        from = "o.id"
+        "#,
+    );
+    let out = env.pgtide(&["run-once", "refs"]).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains(r#"a view row has NULL in its key (code): {"code":null,"order_id":2}"#),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(
+        Env::count(&env.dwh, "dw.refs").await,
+        0,
+        "the failed batch left nothing behind"
+    );
+}

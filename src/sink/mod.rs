@@ -40,6 +40,18 @@ pub async fn try_lock(client: &Client, job: &str) -> Result<bool, SinkError> {
     Ok(row.get(0))
 }
 
+/// Release the job's lock now, rather than whenever the server notices the session is gone
+/// (a process that exits right after a run would otherwise make the next one exit 3).
+pub async fn unlock(client: &Client, job: &str) -> Result<(), SinkError> {
+    client
+        .execute(
+            "select pg_advisory_unlock(hashtextextended('pgtide job ' || $1, 0))",
+            &[&job],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Create the control schema and table if missing (serialized, so two processes starting at
 /// once do not trip over each other's `create`).
 pub async fn ensure_control(client: &mut Client) -> Result<(), SinkError> {

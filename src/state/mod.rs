@@ -1,0 +1,359 @@
+//! The local state store (SQLite): each job's position and a row per run.
+//!
+//! WAL mode with `synchronous = full`: a position written here survives a power cut. Calls run
+//! on the blocking pool; the connection sits behind a std mutex that is never held across an
+//! await. A position only moves forward (`seq` grows) unless a command sets it on purpose.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::position::Position;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state store {path}: stored position of job {job} is unreadable: {source}")]
+    Corrupt {
+        path: PathBuf,
+        job: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("state store {path}: cannot create directory: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RunRecord {
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub outcome: String,
+    pub rows: i64,
+    pub error: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = "
+create table if not exists positions (
+    job text primary key,
+    position text not null,
+    seq integer not null,
+    updated_at text not null
+);
+create table if not exists runs (
+    id integer primary key,
+    job text not null,
+    started_at text not null,
+    finished_at text,
+    outcome text not null check (outcome in ('ok', 'failed', 'running')),
+    rows integer not null default 0,
+    error text
+);
+create index if not exists runs_job on runs (job, id);
+";
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+impl Store {
+    /// Open (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StateError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let wrap = |source| StateError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(wrap)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(wrap)?;
+        conn.pragma_update(None, "synchronous", "full")
+            .map_err(wrap)?;
+        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call<R, F>(&self, f: F) -> Result<R, StateError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StateError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&guard)
+        })
+        .await
+        .expect("state store task panicked")
+    }
+
+    fn sqlite(&self) -> impl Fn(rusqlite::Error) -> StateError + Send + Clone + 'static {
+        let path = self.path.clone();
+        move |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        }
+    }
+
+    /// The stored position of `job`, if any.
+    pub async fn position(&self, job: &str) -> Result<Option<Position>, StateError> {
+        let (err, job, path) = (self.sqlite(), job.to_string(), self.path.clone());
+        self.call(move |c| {
+            let text: Option<String> = c
+                .query_row(
+                    "select position from positions where job = ?1",
+                    [&job],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(&err)?;
+            text.map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|source| StateError::Corrupt { path, job, source })
+        })
+        .await
+    }
+
+    /// Store `pos` if it is newer than what is stored (a position never moves backwards).
+    /// Returns whether it was written.
+    pub async fn advance(&self, job: &str, pos: &Position) -> Result<bool, StateError> {
+        self.write(job, pos, false, None).await
+    }
+
+    /// `advance`, and set the row count of run `run` in the same transaction (one sync to
+    /// disk per batch instead of two).
+    pub async fn advance_run(
+        &self,
+        job: &str,
+        pos: &Position,
+        run: i64,
+        rows: i64,
+    ) -> Result<bool, StateError> {
+        self.write(job, pos, false, Some((run, rows))).await
+    }
+
+    /// Store `pos` whatever is stored: for `reset`, and for recovery from the DWH's copy.
+    pub async fn overwrite(&self, job: &str, pos: &Position) -> Result<(), StateError> {
+        self.write(job, pos, true, None).await.map(|_| ())
+    }
+
+    async fn write(
+        &self,
+        job: &str,
+        pos: &Position,
+        force: bool,
+        progress: Option<(i64, i64)>,
+    ) -> Result<bool, StateError> {
+        let (err, job) = (self.sqlite(), job.to_string());
+        let text = serde_json::to_string(pos).expect("position serializes");
+        let seq = pos.seq;
+        self.call(move |c| {
+            let sql =
+                format!(
+                "insert into positions (job, position, seq, updated_at) values (?1, ?2, ?3, {NOW})
+                 on conflict (job) do update set position = excluded.position, seq = excluded.seq,
+                   updated_at = excluded.updated_at {}",
+                if force { "" } else { "where excluded.seq > positions.seq" }
+            );
+            let tx = c.unchecked_transaction().map_err(&err)?;
+            let n = tx.execute(&sql, params![job, text, seq]).map_err(&err)?;
+            if let Some((run, rows)) = progress {
+                tx.execute(
+                    "update runs set rows = ?2 where id = ?1",
+                    params![run, rows],
+                )
+                .map_err(&err)?;
+            }
+            tx.commit().map_err(&err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Every job with a stored position.
+    pub async fn jobs(&self) -> Result<Vec<String>, StateError> {
+        let err = self.sqlite();
+        self.call(move |c| {
+            let mut st = c
+                .prepare("select job from positions order by job")
+                .map_err(&err)?;
+            let rows = st.query_map([], |r| r.get(0)).map_err(&err)?;
+            rows.collect::<Result<Vec<String>, _>>().map_err(&err)
+        })
+        .await
+    }
+
+    /// Record the start of a run; runs of this job left `running` by a process that died are
+    /// marked failed first (the caller holds the job's lock, so none of them is still going).
+    pub async fn start_run(&self, job: &str) -> Result<i64, StateError> {
+        let (err, job) = (self.sqlite(), job.to_string());
+        self.call(move |c| {
+            c.execute(
+                &format!(
+                    "update runs set outcome = 'failed', finished_at = coalesce(finished_at, {NOW}),
+                       error = 'interrupted: the process ended before the run finished'
+                     where job = ?1 and outcome = 'running'"
+                ),
+                [&job],
+            )
+            .map_err(&err)?;
+            c.execute(
+                &format!(
+                    "insert into runs (job, started_at, outcome) values (?1, {NOW}, 'running')"
+                ),
+                [&job],
+            )
+            .map_err(&err)?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    /// Update the row count of a run in progress.
+    pub async fn progress_run(&self, id: i64, rows: i64) -> Result<(), StateError> {
+        let err = self.sqlite();
+        self.call(move |c| {
+            c.execute("update runs set rows = ?2 where id = ?1", params![id, rows])
+                .map_err(&err)
+                .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn finish_run(
+        &self,
+        id: i64,
+        rows: i64,
+        error: Option<String>,
+    ) -> Result<(), StateError> {
+        let err = self.sqlite();
+        let outcome = if error.is_none() { "ok" } else { "failed" };
+        self.call(move |c| {
+            c.execute(
+                &format!("update runs set finished_at = {NOW}, outcome = ?2, rows = ?3, error = ?4 where id = ?1"),
+                params![id, outcome, rows, error],
+            )
+            .map_err(&err)
+            .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn last_run(&self, job: &str) -> Result<Option<RunRecord>, StateError> {
+        let (err, job) = (self.sqlite(), job.to_string());
+        self.call(move |c| {
+            c.query_row(
+                "select started_at, finished_at, outcome, rows, error from runs where job = ?1 order by id desc limit 1",
+                [&job],
+                |r| {
+                    Ok(RunRecord {
+                        started_at: r.get(0)?,
+                        finished_at: r.get(1)?,
+                        outcome: r.get(2)?,
+                        rows: r.get(3)?,
+                        error: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(&err)
+        })
+        .await
+    }
+
+    /// The last `n` runs of a job, newest first.
+    pub async fn runs(&self, job: &str, n: i64) -> Result<Vec<RunRecord>, StateError> {
+        let (err, job) = (self.sqlite(), job.to_string());
+        self.call(move |c| {
+            let mut st = c
+                .prepare("select started_at, finished_at, outcome, rows, error from runs where job = ?1 order by id desc limit ?2")
+                .map_err(&err)?;
+            let rows = st
+                .query_map(params![job, n], |r| {
+                    Ok(RunRecord {
+                        started_at: r.get(0)?,
+                        finished_at: r.get(1)?,
+                        outcome: r.get(2)?,
+                        rows: r.get(3)?,
+                        error: r.get(4)?,
+                    })
+                })
+                .map_err(&err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(&err)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn positions_never_move_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("sub/state.db")).unwrap();
+        let p2 = Position {
+            watermark: Some(vec!["20".into()]),
+            windows: vec![],
+            seq: 2,
+        };
+        let p1 = Position {
+            watermark: Some(vec!["10".into()]),
+            windows: vec![],
+            seq: 1,
+        };
+        assert!(s.advance("j", &p2).await.unwrap());
+        assert!(!s.advance("j", &p1).await.unwrap());
+        assert_eq!(s.position("j").await.unwrap(), Some(p2));
+        s.overwrite("j", &p1).await.unwrap();
+        assert_eq!(s.position("j").await.unwrap(), Some(p1));
+        assert_eq!(s.jobs().await.unwrap(), vec!["j".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn runs_left_running_are_marked_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state.db")).unwrap();
+        let first = s.start_run("j").await.unwrap();
+        s.progress_run(first, 5).await.unwrap();
+        let second = s.start_run("j").await.unwrap();
+        let runs = s.runs("j", 10).await.unwrap();
+        assert_eq!(runs[1].outcome, "failed");
+        assert_eq!(runs[1].rows, 5);
+        assert!(runs[1].error.as_deref().unwrap().contains("interrupted"));
+        s.finish_run(second, 7, None).await.unwrap();
+        let last = s.last_run("j").await.unwrap().unwrap();
+        assert_eq!((last.outcome.as_str(), last.rows), ("ok", 7));
+        assert!(last.finished_at.is_some());
+    }
+}

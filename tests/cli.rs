@@ -1,0 +1,150 @@
+//! The shipped examples, the demo, and commands that must change nothing.
+
+mod support;
+
+use support::Env;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_config_and_jobs_pass_check_and_load_the_demo_shop() {
+    let env = Env::new().await;
+    env.src.batch_execute(pgtide::demo::SHOP_SQL).await.unwrap();
+    // The repository's own pgtide.toml and jobs/, unchanged, with URLs from the environment.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(root.join("pgtide.toml"), env.config()).unwrap();
+    for (name, text) in pgtide::demo::EXAMPLE_JOBS {
+        assert_eq!(
+            &std::fs::read_to_string(root.join("jobs").join(name)).unwrap(),
+            text
+        );
+        env.job(name.trim_end_matches(".toml"), text);
+    }
+    let with_env = |args: &[&str]| {
+        let mut c = env.command(args);
+        c.env("SHOP_URL", &env.src_url).env("DWH_URL", &env.dwh_url);
+        c
+    };
+    let out = with_env(&["check"]).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok   customers") && stdout.contains("ok   orders"),
+        "{stdout}"
+    );
+
+    let out = with_env(&["run-once"]).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(Env::count(&env.dwh, "analytics.orders_wide").await, 20000);
+    assert_eq!(Env::count(&env.dwh, "analytics.customers").await, 500);
+    // The transforms of the example: map with default, JSON fields, an expression.
+    let src = Env::rows(
+        &env.src,
+        "select o.id, c.name, case o.status when 1 then 'created' when 2 then 'processing' when 3 then 'done' else 'unknown' end,
+                (o.amount * 100)::bigint, o.payload->'meta'->>'channel', o.payload->'items'->0->>'sku'
+         from orders o left join customers c on c.id = o.customer_id",
+    )
+    .await;
+    let dwh = Env::rows(
+        &env.dwh,
+        "select order_id, customer_name, status_label, amount_cents, channel, first_sku from analytics.orders_wide",
+    )
+    .await;
+    assert_eq!(src, dwh);
+
+    // Without the variables, check names them.
+    let out = env
+        .command(&["check"])
+        .env_remove("SHOP_URL")
+        .env_remove("DWH_URL")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sources.shop.url: environment variable SHOP_URL is not set"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("dwh.url: environment variable DWH_URL is not set"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_runs_and_cleans_up() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtide"))
+        .arg("demo")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("job orders     first run: 20000 rows in 2 batches"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("after 3 updates and 1 insert: 4 rows read, 4 changed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("DWH holds 20001 orders and 500 customers."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("the throwaway PostgreSQL is stopped and removed"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_changes_nothing_and_notify_jobs_are_refused() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute("create table t (id bigint primary key, v text); insert into t select g, 'v' from generate_series(1, 7) g")
+        .await
+        .unwrap();
+    env.job("t", "interval_secs = 5\nkey = [\"id\"]\n[from]\ntable = \"t\"\n[[column]]\nname = \"id\"\nfrom = \"t.id\"\n");
+    let out = env
+        .pgtide(&["replay", "t", "--from", "2", "--dry-run"])
+        .await
+        .ok();
+    assert!(
+        out.stdout().contains("replay would read 5 source rows"),
+        "{}",
+        out.stdout()
+    );
+    let tables: i64 = env
+        .dwh
+        .query_one("select count(*) from pg_tables where schemaname not in ('pg_catalog', 'information_schema')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "a dry run must not create anything in the DWH");
+
+    env.job("t", "mode = \"notify\"\nkey = [\"id\"]\n[from]\ntable = \"t\"\n[[column]]\nname = \"id\"\nfrom = \"t.id\"\n");
+    let out = env.pgtide(&["run-once"]).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("job t: mode = \"notify\" is not available in this version"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(
+        Env::count(&env.dwh, "pg_tables where schemaname = 'dw'").await,
+        0
+    );
+}
