@@ -269,25 +269,7 @@ impl Store {
     }
 
     pub async fn last_run(&self, job: &str) -> Result<Option<RunRecord>, StateError> {
-        let (err, job) = (self.sqlite(), job.to_string());
-        self.call(move |c| {
-            c.query_row(
-                "select started_at, finished_at, outcome, rows, error from runs where job = ?1 order by id desc limit 1",
-                [&job],
-                |r| {
-                    Ok(RunRecord {
-                        started_at: r.get(0)?,
-                        finished_at: r.get(1)?,
-                        outcome: r.get(2)?,
-                        rows: r.get(3)?,
-                        error: r.get(4)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(&err)
-        })
-        .await
+        Ok(self.runs(job, 1).await?.pop())
     }
 
     /// The last `n` runs of a job, newest first.
