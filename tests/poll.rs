@@ -478,7 +478,12 @@ async fn sigkill_in_the_middle_of_a_load_then_a_converging_run() {
         "orders",
         &ORDERS_JOB.replace("batch_size = 10", "batch_size = 2000"),
     );
-    let mut child = env.command(&["run-once"]).spawn().unwrap();
+    let mut child = env
+        .command(&["run-once"])
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let dwh = &env.dwh;
     wait_for(60, "the first batches to land", || async {
         dwh.query_one(
