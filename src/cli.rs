@@ -63,6 +63,22 @@ pub enum Command {
     },
     /// Start a throwaway PostgreSQL, fill a sample shop, run the example jobs, show the result
     Demo,
+    /// Print the job file equivalent to a view document of another tool
+    Import {
+        #[command(subcommand)]
+        format: ImportFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportFormat {
+    /// An InsightForge view document (JSON)
+    Insightforge {
+        file: PathBuf,
+        /// The pgtide source the job reads (default: the document's source name)
+        #[arg(long)]
+        source: Option<String>,
+    },
 }
 
 /// A failure of a command, with the exit code it maps to.
@@ -101,6 +117,9 @@ impl Failure {
 pub async fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Demo => crate::demo::run().await.map_err(Failure::failed),
+        Command::Import {
+            format: ImportFormat::Insightforge { file, source },
+        } => import(&file, source.as_deref()),
         command => match load(cli.config.as_deref()) {
             Ok(config) => dispatch(command, config).await,
             Err(f) => Err(f),
@@ -168,8 +187,26 @@ async fn dispatch(command: Command, config: Arc<Config>) -> Result<(), Failure> 
             }
             Ok(())
         }
-        Command::Demo => unreachable!("handled before loading the config"),
+        Command::Demo | Command::Import { .. } => unreachable!("handled before loading the config"),
     }
+}
+
+fn import(file: &std::path::Path, source: Option<&str>) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Failure::invalid(format!("{}: {e}", file.display())))?;
+    let job = crate::import::insightforge(&text, source).map_err(|e| {
+        let lines: Vec<String> =
+            e.0.iter()
+                .map(|l| format!("  {}: {l}", file.display()))
+                .collect();
+        Failure::invalid(format!(
+            "cannot translate {}:\n{}",
+            file.display(),
+            lines.join("\n")
+        ))
+    })?;
+    print!("{job}");
+    Ok(())
 }
 
 fn select(config: &Config, names: &[String]) -> Result<Vec<Arc<JobSpec>>, Failure> {

@@ -11,12 +11,14 @@
 //! - `pg`: connections, quoting, secret-free messages, error classification.
 //! - `cluster`: a throwaway local PostgreSQL (for `demo` and the tests).
 //! - `demo`: the `pgtide demo` command.
+//! - `import`: InsightForge view documents turned into job files.
 //! - `cli`: the command line; `telemetry`: logging.
 
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod import;
 pub mod job;
 pub mod pg;
 pub mod position;
