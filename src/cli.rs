@@ -325,7 +325,7 @@ async fn run_once(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
     for job in jobs {
         match ctx.run_once(job).await {
             Ok(s) => println!(
-                "job {}: {} rows read, {} changed, {} batches{}",
+                "job {}: {} rows read, {} changed, {} batches{}{}",
                 job.name,
                 s.rows,
                 s.changed,
@@ -334,7 +334,8 @@ async fn run_once(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
                     format!(" ({} re-read by recheck)", s.rechecked)
                 } else {
                     String::new()
-                }
+                },
+                nulls(&s.tallies)
             ),
             Err(e) => {
                 let f = Failure::job(&job.name, &e);
@@ -363,6 +364,28 @@ async fn run_once(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
                 .join("\n");
             Err(Failure { code, message })
         }
+    }
+}
+
+/// `; status_label: 3 unmapped (7, 9); qty: 2 JSON values set to NULL`, or nothing.
+fn nulls(tallies: &std::collections::BTreeMap<String, crate::job::Tally>) -> String {
+    let mut parts = Vec::new();
+    for (column, t) in tallies {
+        if t.unmapped > 0 {
+            parts.push(format!(
+                "{column}: {} unmapped ({})",
+                t.unmapped,
+                t.values.join(", ")
+            ));
+        }
+        if t.nulled > 0 {
+            parts.push(format!("{column}: {} JSON values set to NULL", t.nulled));
+        }
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", parts.join("; "))
     }
 }
 
@@ -415,10 +438,13 @@ async fn status(ctx: &Context, jobs: &[Arc<JobSpec>], as_json: bool) -> Result<(
         let last = match &v["last_run"] {
             serde_json::Value::Null => "never".to_string(),
             r => format!(
-                "{} {} rows, started {}{}",
+                "{} {} rows, started {}{}{}",
                 r["outcome"].as_str().unwrap_or(""),
                 r["rows"],
                 r["started_at"].as_str().unwrap_or(""),
+                serde_json::from_value(r["columns"].clone())
+                    .map(|t| nulls(&t))
+                    .unwrap_or_default(),
                 r["error"]
                     .as_str()
                     .map(|e| format!("\n{:>71}error: {e}", ""))

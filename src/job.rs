@@ -5,6 +5,7 @@
 //! position is the truth: a SQLite file that is lost, stale or ahead of a restored DWH is
 //! overwritten from it at the start of the run.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,9 +17,13 @@ use crate::pg::{self, PgError, Retry};
 use crate::position::Position;
 use crate::sink::{self, SinkError};
 use crate::source;
+pub use crate::state::Tally;
 use crate::state::{StateError, Store};
 use crate::view::sql::RangeRef;
-use crate::view::{self, View, ViewError};
+use crate::view::{self, CheckKind, Setting, View, ViewError};
+
+/// How many distinct unmapped values a run names in its log and record.
+const NAMED_VALUES: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -34,6 +39,9 @@ pub enum JobError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// A value a transform cannot convert, with the row it is in.
+    #[error("{0}")]
+    Data(String),
     /// Something this version of pgtide cannot do yet.
     #[error("{0}")]
     Unsupported(String),
@@ -65,6 +73,45 @@ pub struct RunSummary {
     pub batches: u64,
     /// Rows re-read by rechecking open windows (included in `rows`).
     pub rechecked: u64,
+    /// Per column, values that transforms turned into NULL.
+    pub tallies: BTreeMap<String, Tally>,
+}
+
+/// What one batch (or one recheck) applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Applied {
+    rows: u64,
+    changed: u64,
+    tallies: BTreeMap<String, Tally>,
+}
+
+impl RunSummary {
+    fn add(&mut self, a: Applied) {
+        self.rows += a.rows;
+        self.changed += a.changed;
+        for (column, t) in a.tallies {
+            let mine = self.tallies.entry(column).or_default();
+            mine.unmapped += t.unmapped;
+            mine.nulled += t.nulled;
+            for v in t.values {
+                if mine.values.len() < NAMED_VALUES && !mine.values.contains(&v) {
+                    mine.values.push(v);
+                }
+            }
+        }
+    }
+
+    /// Log what transforms turned into NULL in this run, naming a few values.
+    fn report(&self, job: &str) {
+        for (column, t) in &self.tallies {
+            if t.unmapped > 0 {
+                tracing::warn!(job, column = %column, count = t.unmapped, values = ?t.values, "values missing from the map were written as NULL");
+            }
+            if t.nulled > 0 {
+                tracing::warn!(job, column = %column, count = t.nulled, "JSON values that could not be read or cast were written as NULL");
+            }
+        }
+    }
 }
 
 /// Everything a job run needs besides the job.
@@ -85,6 +132,28 @@ struct Session {
 }
 
 impl Session {
+    /// A data error of the source's COPY, turned into a message naming the row and value when
+    /// a JSON field explains it.
+    async fn explain(
+        &mut self,
+        e: JobError,
+        ranges: &[RangeRef],
+        settings: Vec<Setting>,
+    ) -> JobError {
+        let JobError::Source(pe) = &e else { return e };
+        if !pe.code().is_some_and(|c| c.code().starts_with("22")) {
+            return e;
+        }
+        match source::checks::diagnose(&mut self.source, &self.view, ranges, settings).await {
+            Ok(Some(m)) => JobError::Data(m),
+            Ok(None) => e,
+            Err(d) => {
+                tracing::debug!(job = %self.view.job.name, error = %d, "could not find the row behind a data error");
+                e
+            }
+        }
+    }
+
     /// End the session, releasing the job's lock. A broken connection has lost it already.
     async fn close(self) {
         if let Err(e) = sink::unlock(&self.dwh, &self.view.job.name).await {
@@ -179,8 +248,9 @@ impl Context {
             .as_ref()
             .err()
             .map(|e| format!("job {}: {e}", job.name));
+        summary.report(&job.name);
         self.store
-            .finish_run(run, summary.rows as i64, error)
+            .finish_run(run, summary.rows as i64, error, &summary.tallies)
             .await?;
         session.close().await;
         result.map(|()| summary)
@@ -196,19 +266,19 @@ impl Context {
         let started = Instant::now();
         let mut pos = self.position(s).await?;
         if !pos.windows.is_empty() {
-            let (rows, changed, dropped) = self.recheck(s, &mut pos).await?;
+            let (applied, dropped) = self.recheck(s, &mut pos).await?;
+            let (rows, changed) = (applied.rows, applied.changed);
             summary.rechecked = rows;
-            summary.rows += rows;
-            summary.changed += changed;
+            summary.add(applied);
             tracing::debug!(job = %job.name, rows, changed, settled = dropped, open = pos.windows.len(), "rechecked windows");
         }
         loop {
             let t = Instant::now();
-            let Some((rows, changed)) = self.batch(s, &mut pos, summary.batches > 0).await? else {
+            let Some(applied) = self.batch(s, &mut pos, summary.batches > 0).await? else {
                 break;
             };
-            summary.rows += rows;
-            summary.changed += changed;
+            let (rows, changed) = (applied.rows, applied.changed);
+            summary.add(applied);
             summary.batches += 1;
             self.store
                 .advance_run(&job.name, &pos, run, summary.rows as i64)
@@ -233,59 +303,52 @@ impl Context {
         s: &mut Session,
         pos: &mut Position,
         merge: bool,
-    ) -> Result<Option<(u64, u64)>, JobError> {
-        let view = &s.view;
+    ) -> Result<Option<Applied>, JobError> {
         let (tx, snap) = source::begin(&mut s.source)
             .await
             .map_err(JobError::Source)?;
         let lo = pos.watermark.clone();
-        let hi = source::batch_bound(&tx, view, lo.as_deref(), None, view.job.batch_size)
+        let hi = source::batch_bound(&tx, &s.view, lo.as_deref(), None, s.view.job.batch_size)
             .await
             .map_err(JobError::Source)?;
         let Some(hi) = hi else { return Ok(None) };
-        let range = RangeRef {
+        let ranges = [RangeRef {
             prefix: "b".into(),
             has_lo: lo.is_some(),
             has_hi: true,
             recheck: false,
-        };
+        }];
         let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
         let mut next = pos.clone();
         next.advance(hi, &snap, merge);
-        let ranges = [range];
-        let mut done = None;
-        if s.copy_direct {
-            done = transfer(
-                &tx,
-                &mut s.dwh,
-                view,
-                &ranges,
-                settings.clone(),
-                Some(&next),
-                true,
-            )
-            .await?;
-            // A key already in the target: stage this batch (same snapshot) and all that follow.
-            s.copy_direct = done.is_some();
-        }
-        let (rows, changed) = match done {
-            Some(done) => done,
-            None => staged(&tx, &mut s.dwh, view, &ranges, settings, Some(&next)).await?,
-        };
+        let result = apply(
+            &tx,
+            &mut s.dwh,
+            &s.view,
+            &ranges,
+            &settings,
+            Some(&next),
+            &mut s.copy_direct,
+        )
+        .await;
         drop(tx);
-        *pos = next;
-        Ok(Some((rows, changed)))
+        match result {
+            Ok(applied) => {
+                *pos = next;
+                Ok(Some(applied))
+            }
+            Err(e) => Err(s.explain(e, &ranges, settings).await),
+        }
     }
 
     /// Re-read rows of open windows written by transactions the windows' snapshots could not
     /// see, then close the windows that this snapshot settles.
-    /// Returns (rows re-read, rows changed, windows closed).
+    /// Returns what was applied and how many windows closed.
     async fn recheck(
         &self,
         s: &mut Session,
         pos: &mut Position,
-    ) -> Result<(u64, u64, usize), JobError> {
-        let view = &s.view;
+    ) -> Result<(Applied, usize), JobError> {
         let horizon = source::horizon(&s.source).await.map_err(JobError::Source)?;
         let (tx, snap) = source::begin(&mut s.source)
             .await
@@ -316,21 +379,28 @@ impl Context {
         }
         let mut next = pos.clone();
         let dropped = next.settle(&snap, &horizon);
-        let (rows, changed) = staged(
+        let mut direct = false;
+        let position = (dropped > 0).then_some(&next);
+        let result = apply(
             &tx,
             &mut s.dwh,
-            view,
+            &s.view,
             &ranges,
-            settings,
-            (dropped > 0).then_some(&next),
+            &settings,
+            position,
+            &mut direct,
         )
-        .await?;
+        .await;
         drop(tx);
+        let applied = match result {
+            Ok(a) => a,
+            Err(e) => return Err(s.explain(e, &ranges, settings).await),
+        };
         if dropped > 0 {
             *pos = next;
-            self.store.advance(&view.job.name, pos).await?;
+            self.store.advance(&s.view.job.name, pos).await?;
         }
-        Ok((rows, changed, dropped))
+        Ok((applied, dropped))
     }
 
     /// Reload the view rows whose cursor lies in `(from, to]`, leaving the position alone.
@@ -370,17 +440,29 @@ impl Context {
                         .await
                         .map_err(JobError::Source)?;
                 let Some(hi) = hi else { break };
-                let range = RangeRef {
+                let ranges = [RangeRef {
                     prefix: "b".into(),
                     has_lo: lo.is_some(),
                     has_hi: true,
                     recheck: false,
-                };
+                }];
                 let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
-                let (rows, changed) =
-                    staged(&tx, &mut s.dwh, &s.view, &[range], settings, None).await?;
-                summary.rows += rows;
-                summary.changed += changed;
+                let mut direct = false;
+                let result = apply(
+                    &tx,
+                    &mut s.dwh,
+                    &s.view,
+                    &ranges,
+                    &settings,
+                    None,
+                    &mut direct,
+                )
+                .await;
+                drop(tx);
+                match result {
+                    Ok(applied) => summary.add(applied),
+                    Err(e) => return Err(s.explain(e, &ranges, settings).await),
+                }
                 summary.batches += 1;
                 self.store.progress_run(run, summary.rows as i64).await?;
                 lo = Some(hi);
@@ -392,8 +474,9 @@ impl Context {
             .as_ref()
             .err()
             .map(|e: &JobError| format!("job {} (replay): {e}", job.name));
+        summary.report(&job.name);
         self.store
-            .finish_run(run, summary.rows as i64, error)
+            .finish_run(run, summary.rows as i64, error, &summary.tallies)
             .await?;
         s.close().await;
         result.map(|()| summary)
@@ -455,8 +538,31 @@ async fn normalize(
     }
 }
 
+/// Apply the view rows of `ranges`: straight into the target while `direct` holds, else (and
+/// from the first key found in the target on) through the staging table.
+async fn apply(
+    source_tx: &tokio_postgres::Transaction<'_>,
+    dwh: &mut Client,
+    view: &View,
+    ranges: &[RangeRef],
+    settings: &[Setting],
+    position: Option<&Position>,
+    direct: &mut bool,
+) -> Result<Applied, JobError> {
+    if *direct {
+        if let Some(done) = transfer(source_tx, dwh, view, ranges, settings, position, true).await?
+        {
+            return Ok(done);
+        }
+        // A key already in the target: this batch (same snapshot) and all that follow stage.
+        *direct = false;
+    }
+    let done = transfer(source_tx, dwh, view, ranges, settings, position, false).await?;
+    Ok(done.expect("only direct copies meet existing keys"))
+}
+
 /// Stream the view rows of `ranges` from the source transaction into the DWH and apply them,
-/// writing `position` in the same DWH transaction. Returns (rows read, rows changed).
+/// writing `position` in the same DWH transaction.
 ///
 /// `direct` copies straight into the target, which only works while no key exists there
 /// yet; a key that does ends the attempt with `Ok(None)` and nothing written, so the caller
@@ -466,12 +572,18 @@ async fn transfer(
     dwh: &mut Client,
     view: &View,
     ranges: &[RangeRef],
-    settings: Vec<view::Setting>,
+    settings: &[Setting],
     position: Option<&Position>,
     direct: bool,
-) -> Result<Option<(u64, u64)>, JobError> {
+) -> Result<Option<Applied>, JobError> {
+    source::set_settings(source_tx, view, settings.to_vec())
+        .await
+        .map_err(JobError::Source)?;
+    let stats = source::checks::stats(source_tx, view, ranges)
+        .await
+        .map_err(JobError::Source)?;
     let tx = dwh.transaction().await.map_err(SinkError::from)?;
-    let out = source::copy_out(source_tx, view, ranges, settings)
+    let out = source::copy_out(source_tx, view, ranges)
         .await
         .map_err(JobError::Source)?;
     let copy_in = tx
@@ -502,7 +614,31 @@ async fn transfer(
         }
         Err(e) => return Err(e),
     };
-    let changed = match (direct, rows) {
+    let mut applied = Applied {
+        rows,
+        ..Applied::default()
+    };
+    for (check, stat) in view.checks.iter().zip(stats) {
+        if stat.nulled == 0 {
+            continue;
+        }
+        let t = applied.tallies.entry(check.column.clone()).or_default();
+        match check.kind {
+            CheckKind::Unmapped { .. } => {
+                t.unmapped += stat.nulled;
+                t.values = stat.values;
+            }
+            CheckKind::Json { .. } => t.nulled += stat.nulled,
+        }
+    }
+    if !direct && rows > 0 {
+        for (column, n) in sink::cast_failures(&tx, view).await? {
+            if n > 0 {
+                applied.tallies.entry(column).or_default().nulled += n;
+            }
+        }
+    }
+    applied.changed = match (direct, rows) {
         (true, _) => rows,
         (false, 0) => 0,
         (false, _) => sink::upsert(&tx, view).await?,
@@ -511,18 +647,5 @@ async fn transfer(
         sink::write_position(&tx, &view.job.name, p).await?;
     }
     tx.commit().await.map_err(SinkError::from)?;
-    Ok(Some((rows, changed)))
-}
-
-/// `transfer` through the staging table, which takes any batch.
-async fn staged(
-    source_tx: &tokio_postgres::Transaction<'_>,
-    dwh: &mut Client,
-    view: &View,
-    ranges: &[RangeRef],
-    settings: Vec<view::Setting>,
-    position: Option<&Position>,
-) -> Result<(u64, u64), JobError> {
-    let done = transfer(source_tx, dwh, view, ranges, settings, position, false).await?;
-    Ok(done.expect("only direct copies meet existing keys"))
+    Ok(Some(applied))
 }

@@ -68,7 +68,18 @@ pub async fn ensure_control(client: &mut Client) -> Result<(), SinkError> {
              position jsonb not null,
              seq bigint not null,
              updated_at timestamptz not null default now()
-         )",
+         );
+         -- The value cast to the type of template, or NULL when it does not cast
+         -- (json columns with on_error = \"null\").
+         create or replace function {s}.try_cast(value text, template anyelement) returns anyelement
+         language plpgsql immutable as $body$
+         begin
+             template := value;
+             return template;
+         exception when others then
+             return null;
+         end
+         $body$",
         s = quote_ident(CONTROL_SCHEMA)
     ))
     .await?;
@@ -232,7 +243,7 @@ pub async fn ensure_target(client: &mut Client, view: &View) -> Result<TargetSta
         .get(0);
     tx.commit().await?;
     Ok(TargetState {
-        copy_direct: empty && plan.exact,
+        copy_direct: empty && plan.exact && view.copies_as_is(),
     })
 }
 
@@ -312,7 +323,7 @@ pub async fn create_staging(client: &Client, view: &View) -> Result<(), SinkErro
     let cols: Vec<String> = view
         .columns
         .iter()
-        .map(|c| format!("{} {}", quote_ident(&c.name), c.target_type))
+        .map(|c| format!("{} {}", quote_ident(&c.name), c.stage_type))
         .collect();
     client
         .batch_execute(&format!(
@@ -390,13 +401,60 @@ pub fn upsert_sql(view: &View) -> String {
             side("excluded")
         )
     };
+    let values: Vec<String> = view
+        .columns
+        .iter()
+        .map(|c| {
+            c.load
+                .clone()
+                .unwrap_or_else(|| format!("s.{}", quote_ident(&c.name)))
+        })
+        .collect();
     format!(
-        "insert into {} as t ({c}) select {c} from pg_temp.{} on conflict ({}) do {action}",
+        "insert into {} as t ({}) select {} from pg_temp.{} s on conflict ({}) do {action}",
         quote_qualified(&target.schema, &target.name),
+        cols.join(", "),
+        values.join(", "),
         quote_ident(STAGE),
-        key.join(", "),
-        c = cols.join(", ")
+        key.join(", ")
     )
+}
+
+/// Per column the DWH casts (`load`), how many staged values did not cast and became NULL.
+pub async fn cast_failures(
+    tx: &Transaction<'_>,
+    view: &View,
+) -> Result<Vec<(String, u64)>, SinkError> {
+    let loads: Vec<(&str, String)> = view
+        .columns
+        .iter()
+        .filter_map(|c| {
+            c.load.as_ref().map(|load| {
+                (
+                    c.name.as_str(),
+                    format!(
+                        "count(*) filter (where s.{} is not null and {load} is null)",
+                        quote_ident(&c.name)
+                    ),
+                )
+            })
+        })
+        .collect();
+    if loads.is_empty() {
+        return Ok(Vec::new());
+    }
+    let counts: Vec<&str> = loads.iter().map(|(_, c)| c.as_str()).collect();
+    let q = format!(
+        "select {} from pg_temp.{} s",
+        counts.join(", "),
+        quote_ident(STAGE)
+    );
+    let row = tx.query_one(&q, &[]).await?;
+    Ok(loads
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.to_string(), row.get::<_, i64>(i) as u64))
+        .collect())
 }
 
 /// Apply the staged batch; returns the number of rows inserted or changed. A key that is not
@@ -478,10 +536,14 @@ mod tests {
                     name: n.to_string(),
                     expr: String::new(),
                     target_type: t.to_string(),
+                    stage_type: t.to_string(),
+                    load: None,
+                    origin: String::new(),
                 })
                 .collect(),
             cursor: vec![],
             settings: vec![],
+            checks: vec![],
         }
     }
 
@@ -493,7 +555,7 @@ mod tests {
         ));
         assert_eq!(
             sql,
-            "insert into \"dw\".\"T x\" as t (\"id\", \"doc\", \"n\") select \"id\", \"doc\", \"n\" from pg_temp.\"_pgtide_stage\" \
+            "insert into \"dw\".\"T x\" as t (\"id\", \"doc\", \"n\") select s.\"id\", s.\"doc\", s.\"n\" from pg_temp.\"_pgtide_stage\" s \
              on conflict (\"id\") do update set \"doc\" = excluded.\"doc\", \"n\" = excluded.\"n\", \"_pgtide_loaded_at\" = now() \
              where (t.\"doc\"::text, t.\"n\") is distinct from (excluded.\"doc\"::text, excluded.\"n\")"
         );

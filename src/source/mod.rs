@@ -6,6 +6,8 @@
 //! snapshot. COPY takes no parameters, so the bounds travel as session settings set with
 //! bound parameters and read back by `current_setting`.
 
+pub mod checks;
+
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, CopyOutStream, IsolationLevel, Transaction};
 
@@ -134,18 +136,26 @@ pub fn range_settings(prefix: &str, lo: Option<&[String]>, hi: Option<&[String]>
     out
 }
 
-/// Set the view's own settings plus `extra` for this transaction, then open the COPY.
-pub async fn copy_out(
+/// Set the view's own settings plus `extra` (range bounds) for this transaction.
+pub async fn set_settings(
     tx: &Transaction<'_>,
     view: &View,
-    ranges: &[sql::RangeRef],
     extra: Vec<Setting>,
-) -> Result<CopyOutStream, tokio_postgres::Error> {
+) -> Result<(), tokio_postgres::Error> {
     let mut settings = view.settings.clone();
     settings.extend(extra);
     if let Some((q, names, values)) = settings_statement(&settings) {
         tx.query_one(q.as_str(), &[&names, &values]).await?;
     }
+    Ok(())
+}
+
+/// Open the COPY of the view rows of `ranges` (settings set before).
+pub async fn copy_out(
+    tx: &Transaction<'_>,
+    view: &View,
+    ranges: &[sql::RangeRef],
+) -> Result<CopyOutStream, tokio_postgres::Error> {
     tx.copy_out(sql::copy_out(view, ranges).as_str()).await
 }
 

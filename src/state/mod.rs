@@ -4,6 +4,7 @@
 //! on the blocking pool; the connection sits behind a std mutex that is never held across an
 //! await. A position only moves forward (`seq` grows) unless a command sets it on purpose.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -42,6 +43,23 @@ pub struct RunRecord {
     pub outcome: String,
     pub rows: i64,
     pub error: Option<String>,
+    /// Values that maps without a default did not know (written as NULL).
+    pub unmapped: i64,
+    /// JSON fields that could not be read or cast, written as NULL (`on_error = "null"`).
+    pub nulled: i64,
+    /// The same per column, with a few of the unmapped values.
+    pub columns: BTreeMap<String, Tally>,
+}
+
+/// Values of one column that a transform turned into NULL in a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Tally {
+    /// Values a map (without `map_default`) does not know.
+    pub unmapped: u64,
+    /// JSON fields that could not be read or cast (`on_error = "null"`).
+    pub nulled: u64,
+    /// A few of the unmapped values.
+    pub values: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -64,10 +82,38 @@ create table if not exists runs (
     finished_at text,
     outcome text not null check (outcome in ('ok', 'failed', 'running')),
     rows integer not null default 0,
-    error text
+    error text,
+    unmapped integer not null default 0,
+    nulled integer not null default 0,
+    columns text not null default '{}'
 );
 create index if not exists runs_job on runs (job, id);
 ";
+
+/// Bring a state file written by an earlier version up to `SCHEMA`.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let mut st = conn.prepare("select name from pragma_table_info('runs')")?;
+    let have: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    for (column, ddl) in [
+        (
+            "unmapped",
+            "alter table runs add column unmapped integer not null default 0",
+        ),
+        (
+            "nulled",
+            "alter table runs add column nulled integer not null default 0",
+        ),
+        (
+            "columns",
+            "alter table runs add column columns text not null default '{}'",
+        ),
+    ] {
+        if !have.iter().any(|h| h == column) {
+            conn.execute_batch(ddl)?;
+        }
+    }
+    Ok(())
+}
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
@@ -92,6 +138,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "full")
             .map_err(wrap)?;
         conn.execute_batch(SCHEMA).map_err(wrap)?;
+        migrate(&conn).map_err(wrap)?;
         Ok(Store {
             path: path.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),
@@ -254,13 +301,28 @@ impl Store {
         id: i64,
         rows: i64,
         error: Option<String>,
+        columns: &BTreeMap<String, Tally>,
     ) -> Result<(), StateError> {
         let err = self.sqlite();
         let outcome = if error.is_none() { "ok" } else { "failed" };
+        let unmapped: u64 = columns.values().map(|t| t.unmapped).sum();
+        let nulled: u64 = columns.values().map(|t| t.nulled).sum();
+        let columns = serde_json::to_string(columns).expect("tallies serialize");
         self.call(move |c| {
             c.execute(
-                &format!("update runs set finished_at = {NOW}, outcome = ?2, rows = ?3, error = ?4 where id = ?1"),
-                params![id, outcome, rows, error],
+                &format!(
+                    "update runs set finished_at = {NOW}, outcome = ?2, rows = ?3, error = ?4,
+                       unmapped = ?5, nulled = ?6, columns = ?7 where id = ?1"
+                ),
+                params![
+                    id,
+                    outcome,
+                    rows,
+                    error,
+                    unmapped as i64,
+                    nulled as i64,
+                    columns
+                ],
             )
             .map_err(&err)
             .map(|_| ())
@@ -277,7 +339,10 @@ impl Store {
         let (err, job) = (self.sqlite(), job.to_string());
         self.call(move |c| {
             let mut st = c
-                .prepare("select started_at, finished_at, outcome, rows, error from runs where job = ?1 order by id desc limit ?2")
+                .prepare(
+                    "select started_at, finished_at, outcome, rows, error, unmapped, nulled, columns
+                     from runs where job = ?1 order by id desc limit ?2",
+                )
                 .map_err(&err)?;
             let rows = st
                 .query_map(params![job, n], |r| {
@@ -287,6 +352,10 @@ impl Store {
                         outcome: r.get(2)?,
                         rows: r.get(3)?,
                         error: r.get(4)?,
+                        unmapped: r.get(5)?,
+                        nulled: r.get(6)?,
+                        // Written by pgtide itself; an unreadable value reads as nothing counted.
+                        columns: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or_default(),
                     })
                 })
                 .map_err(&err)?;
@@ -333,9 +402,22 @@ mod tests {
         assert_eq!(runs[1].outcome, "failed");
         assert_eq!(runs[1].rows, 5);
         assert!(runs[1].error.as_deref().unwrap().contains("interrupted"));
-        s.finish_run(second, 7, None).await.unwrap();
+        let tallies: BTreeMap<String, Tally> = [(
+            "label".to_string(),
+            Tally {
+                unmapped: 3,
+                nulled: 0,
+                values: vec!["9".into()],
+            },
+        )]
+        .into();
+        s.finish_run(second, 7, None, &tallies).await.unwrap();
         let last = s.last_run("j").await.unwrap().unwrap();
-        assert_eq!((last.outcome.as_str(), last.rows), ("ok", 7));
+        assert_eq!(
+            (last.outcome.as_str(), last.rows, last.unmapped),
+            ("ok", 7, 3)
+        );
+        assert_eq!(last.columns, tallies);
         assert!(last.finished_at.is_some());
     }
 }

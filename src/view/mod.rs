@@ -17,10 +17,86 @@ pub use resolve::{resolve, ViewError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ViewColumn {
     pub name: String,
-    /// Expression in the source query, already cast to `target_type` where needed.
+    /// Expression in the source query; its type is `stage_type`.
     pub expr: String,
-    /// The type the column has in the target (and the staging table), as SQL.
+    /// The type the column has in the target, as SQL.
     pub target_type: String,
+    /// The type the source sends and the staging table holds (usually `target_type`).
+    pub stage_type: String,
+    /// How the DWH turns the staged value (`s."name"`) into the target value, when it is not
+    /// taken as it is.
+    pub load: Option<String>,
+    /// Where the value comes from, for messages: `o.payload json meta.channel`.
+    pub origin: String,
+}
+
+/// A column whose values pgtide counts or checks beyond what SQL does by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub column: String,
+    pub origin: String,
+    pub kind: CheckKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A value map without a default: values it does not know become NULL and are counted.
+    Unmapped {
+        /// The source value as text.
+        raw: String,
+        /// The setting holding the map (jsonb).
+        map_setting: String,
+    },
+    /// A JSON field: every step of the path must be an object (or an array, for a numeric
+    /// step) or missing; the value must cast to `ty`.
+    Json {
+        /// The document, as jsonb.
+        doc: String,
+        /// The extracted value as text.
+        raw: String,
+        /// Per step: the setting holding the path up to it, and whether an array may hold it.
+        steps: Vec<(String, bool)>,
+        path: Vec<String>,
+        ty: String,
+        on_error: crate::config::OnError,
+    },
+}
+
+impl CheckKind {
+    /// A boolean expression: every step of a JSON path is traversable (never NULL).
+    pub fn shape_ok(&self) -> Option<String> {
+        let CheckKind::Json { doc, steps, .. } = self else {
+            return None;
+        };
+        let parts: Vec<String> = steps
+            .iter()
+            .map(|(setting, array_ok)| {
+                format!(
+                    "coalesce(jsonb_typeof({doc} #> current_setting('{}{setting}')::text[]), 'null') in ('null', 'object'{})",
+                    sql::SETTING_PREFIX,
+                    if *array_ok { ", 'array'" } else { "" }
+                )
+            })
+            .collect();
+        Some(format!("({})", parts.join(" and ")))
+    }
+
+    /// `array[jsonb_typeof(...)]` of every step, to say which one is wrong.
+    pub fn step_types(&self) -> Option<String> {
+        let CheckKind::Json { doc, steps, .. } = self else {
+            return None;
+        };
+        let parts: Vec<String> = steps
+            .iter()
+            .map(|(setting, _)| {
+                format!(
+                    "coalesce(jsonb_typeof({doc} #> current_setting('{}{setting}')::text[]), 'null')",
+                    sql::SETTING_PREFIX
+                )
+            })
+            .collect();
+        Some(format!("array[{}]", parts.join(", ")))
+    }
 }
 
 /// One column of the keyset cursor, on the main table.
@@ -46,9 +122,18 @@ pub struct View {
     pub cursor: Vec<CursorColumn>,
     /// Settings the view query itself needs (value maps, JSON paths).
     pub settings: Vec<Setting>,
+    /// Columns whose values are counted (unmapped, set NULL) or checked (JSON shape).
+    pub checks: Vec<Check>,
 }
 
 impl View {
+    /// Whether binary COPY output fits the target as is (no column is cast in the DWH).
+    pub fn copies_as_is(&self) -> bool {
+        self.columns
+            .iter()
+            .all(|c| c.load.is_none() && c.stage_type == c.target_type)
+    }
+
     /// Positions of the key columns among `columns`.
     pub fn key_positions(&self) -> Vec<usize> {
         self.job

@@ -9,11 +9,11 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::config::{ColumnKind, ColumnRef, JobSpec, TableRef};
-use crate::pg;
+use crate::config::{ColumnKind, ColumnRef, JobSpec, OnError, TableRef};
+use crate::pg::{self, quote_ident};
 
 use super::sql::{self, SETTING_PREFIX};
-use super::{CursorColumn, Setting, View, ViewColumn};
+use super::{Check, CheckKind, CursorColumn, Setting, View, ViewColumn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
@@ -101,15 +101,20 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
 
     let mut columns = Vec::new();
     let mut settings = Vec::new();
+    let mut checks = Vec::new();
     for (i, c) in job.columns.iter().enumerate() {
-        if let Some(ty) = &c.ty {
-            if let Err(m) = check_type(client, ty).await? {
-                problems.push(format!("column[{i}] ({}): type {ty:?}: {m}", c.name));
-                continue;
-            }
-        }
+        let ty = match &c.ty {
+            None => None,
+            Some(ty) => match check_type(client, ty).await? {
+                Ok(canonical) => Some(canonical),
+                Err(m) => {
+                    problems.push(format!("column[{i}] ({}): type {ty:?}: {m}", c.name));
+                    continue;
+                }
+            },
+        };
         let cast = |expr: String, natural: Option<&SourceColumn>| -> (String, String) {
-            match (&c.ty, natural) {
+            match (&ty, natural) {
                 (Some(ty), _) => (format!("({expr})::{ty}"), ty.clone()),
                 (None, Some(n)) if n.target_type != n.src_type => (
                     format!("({expr})::{}", n.target_type),
@@ -119,9 +124,15 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
                 (None, None) => (expr, "text".into()),
             }
         };
+        let mut load = None;
+        let mut stage_type = None;
+        let origin;
         let (expr, target_type) = match &c.kind {
             ColumnKind::Direct(r) => match lookup(r) {
-                Some(col) => cast(sql::column(&r.alias, &r.column), Some(&col)),
+                Some(col) => {
+                    origin = r.to_string();
+                    cast(sql::column(&r.alias, &r.column), Some(&col))
+                }
                 None => {
                     problems.push(missing(i, r));
                     continue;
@@ -132,26 +143,39 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
                     problems.push(missing(i, from));
                     continue;
                 }
+                origin = format!("{from} map");
                 let name = format!("map{i}");
                 settings.push(Setting {
                     name: name.clone(),
                     value: serde_json::to_string(map).unwrap_or_default(),
                 });
-                let mut e = format!(
-                    "current_setting('{SETTING_PREFIX}{name}')::jsonb ->> ({})::text",
-                    sql::column(&from.alias, &from.column)
-                );
-                if let Some(d) = default {
-                    let dname = format!("mapdefault{i}");
-                    settings.push(Setting {
-                        name: dname.clone(),
-                        value: d.clone(),
-                    });
-                    e = format!("coalesce({e}, current_setting('{SETTING_PREFIX}{dname}'))");
+                let raw = format!("({})::text", sql::column(&from.alias, &from.column));
+                let mut e = format!("current_setting('{SETTING_PREFIX}{name}')::jsonb ->> {raw}");
+                match default {
+                    Some(d) => {
+                        let dname = format!("mapdefault{i}");
+                        settings.push(Setting {
+                            name: dname.clone(),
+                            value: d.clone(),
+                        });
+                        e = format!("coalesce({e}, current_setting('{SETTING_PREFIX}{dname}'))");
+                    }
+                    None => checks.push(Check {
+                        column: c.name.clone(),
+                        origin: origin.clone(),
+                        kind: CheckKind::Unmapped {
+                            raw,
+                            map_setting: name,
+                        },
+                    }),
                 }
                 cast(e, None)
             }
-            ColumnKind::Json { from, path, .. } => {
+            ColumnKind::Json {
+                from,
+                path,
+                on_error,
+            } => {
                 let Some(col) = lookup(from) else {
                     problems.push(missing(i, from));
                     continue;
@@ -163,18 +187,58 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
                     ));
                     continue;
                 }
-                let name = format!("path{i}");
+                origin = format!("{from} json {}", path.join("."));
+                let doc = format!("({})::jsonb", sql::column(&from.alias, &from.column));
                 settings.push(Setting {
-                    name: name.clone(),
+                    name: format!("path{i}"),
                     value: text_array(path),
                 });
-                cast(
-                    format!(
-                        "({})::jsonb #>> current_setting('{SETTING_PREFIX}{name}')::text[]",
-                        sql::column(&from.alias, &from.column)
+                let raw = format!("{doc} #>> current_setting('{SETTING_PREFIX}path{i}')::text[]");
+                let steps: Vec<(String, bool)> = (0..path.len())
+                    .map(|k| {
+                        let name = format!("step{i}_{k}");
+                        settings.push(Setting {
+                            name: name.clone(),
+                            value: text_array(&path[..k]),
+                        });
+                        (name, path[k].parse::<u32>().is_ok())
+                    })
+                    .collect();
+                let ty = ty.clone().unwrap_or_else(|| "text".into());
+                let kind = CheckKind::Json {
+                    doc,
+                    raw: raw.clone(),
+                    steps,
+                    path: path.clone(),
+                    ty: ty.clone(),
+                    on_error: *on_error,
+                };
+                let shape = kind.shape_ok().expect("a json check");
+                checks.push(Check {
+                    column: c.name.clone(),
+                    origin: origin.clone(),
+                    kind,
+                });
+                match on_error {
+                    // A wrong shape divides by zero: the batch stops, and the diagnosis
+                    // that follows names the row.
+                    OnError::Fail => (
+                        format!("case when {shape} then ({raw})::{ty} else (1 / ({shape})::int)::text::{ty} end"),
+                        ty,
                     ),
-                    None,
-                )
+                    // The DWH casts, turning what does not cast into NULL (and counting it).
+                    OnError::Null => {
+                        if ty != "text" {
+                            load = Some(format!(
+                                "{}.try_cast(s.{}, null::{ty})",
+                                quote_ident(crate::sink::CONTROL_SCHEMA),
+                                quote_ident(&c.name)
+                            ));
+                            stage_type = Some("text".to_string());
+                        }
+                        (format!("case when {shape} then {raw} end"), ty)
+                    }
+                }
             }
             ColumnKind::Sql(expr) => {
                 let natural = match sql_type(client, job, expr).await? {
@@ -184,17 +248,22 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
                         continue;
                     }
                 };
+                origin = "sql".into();
                 cast(format!("({expr})"), Some(&natural))
             }
             ColumnKind::Deleted { .. } => {
-                let ty = c.ty.clone().unwrap_or_else(|| "text".into());
+                origin = "deleted".into();
+                let ty = ty.clone().unwrap_or_else(|| "text".into());
                 (format!("null::{ty}"), ty)
             }
         };
         columns.push(ViewColumn {
             name: c.name.clone(),
             expr,
+            stage_type: stage_type.unwrap_or_else(|| target_type.clone()),
             target_type,
+            load,
+            origin,
         });
     }
 
@@ -231,6 +300,7 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
         columns,
         cursor,
         settings,
+        checks,
     };
     if problems.is_empty() {
         // The whole query must plan; settings it reads are set for the probe's transaction.
@@ -297,14 +367,19 @@ async fn primary_key(client: &Client, table: u32) -> Result<Option<String>, View
     })
 }
 
-/// Whether the source's type parser accepts `ty` (only then is it written into SQL).
-async fn check_type(client: &Client, ty: &str) -> Result<Result<(), String>, ViewError> {
+/// The source's own spelling of `ty` if its type parser accepts it (only then is it written
+/// into SQL). A type with a modifier (`numeric(12,2)`) keeps the job's spelling, which the
+/// parser accepted, since the canonical name alone would drop the modifier.
+async fn check_type(client: &Client, ty: &str) -> Result<Result<String, String>, ViewError> {
     match client
-        .query_one("select to_regtype($1) is not null", &[&ty])
+        .query_one("select format_type(to_regtype($1), null)", &[&ty])
         .await
     {
-        Ok(row) if row.get::<_, bool>(0) => Ok(Ok(())),
-        Ok(_) => Ok(Err("no such type in the source".into())),
+        Ok(row) => match row.get::<_, Option<String>>(0) {
+            Some(_) if ty.contains('(') => Ok(Ok(ty.to_string())),
+            Some(canonical) => Ok(Ok(canonical)),
+            None => Ok(Err("no such type in the source".into())),
+        },
         Err(e) if e.code().is_some() => Ok(Err(pg::message(&e))),
         Err(e) => Err(ViewError::Db(e)),
     }
@@ -321,6 +396,7 @@ async fn sql_type(
         columns: Vec::new(),
         cursor: Vec::new(),
         settings: Vec::new(),
+        checks: Vec::new(),
     };
     let q = format!("select ({expr}) {} limit 0", sql::from_clause(&probe_view));
     let stmt = match client.prepare(&q).await {

@@ -195,9 +195,8 @@ fn range_predicate(view: &View, r: &RangeRef) -> String {
     }
 }
 
-/// `copy (select <view columns> from ... where <ranges>) to stdout (format binary)`.
-pub fn copy_out(view: &View, ranges: &[RangeRef]) -> String {
-    let cols: Vec<&str> = view.columns.iter().map(|c| c.expr.as_str()).collect();
+/// `from ... where <ranges>`: the view rows of some cursor ranges.
+pub fn rows_of(view: &View, ranges: &[RangeRef]) -> String {
     let preds: Vec<String> = ranges
         .iter()
         .map(|r| format!("({})", range_predicate(view, r)))
@@ -207,11 +206,61 @@ pub fn copy_out(view: &View, ranges: &[RangeRef]) -> String {
     } else {
         preds.join(" or ")
     };
+    format!("{} where {pred}", from_clause(view))
+}
+
+/// `copy (select <view columns> from ... where <ranges>) to stdout (format binary)`.
+pub fn copy_out(view: &View, ranges: &[RangeRef]) -> String {
+    let cols: Vec<&str> = view.columns.iter().map(|c| c.expr.as_str()).collect();
     format!(
-        "copy (select {} {} where {pred}) to stdout (format binary)",
+        "copy (select {} {}) to stdout (format binary)",
         cols.join(", "),
-        from_clause(view)
+        rows_of(view, ranges)
     )
+}
+
+/// Per check of the view, over the rows of `ranges`: how many values it turned into NULL,
+/// and a few of them. `None` when the view counts nothing.
+pub fn check_stats(view: &View, ranges: &[RangeRef]) -> Option<String> {
+    use super::CheckKind;
+    use crate::config::OnError;
+    let mut cols = Vec::new();
+    for c in &view.checks {
+        match &c.kind {
+            CheckKind::Unmapped { raw, map_setting } => {
+                let cond = format!(
+                    "{raw} is not null and not (current_setting('{SETTING_PREFIX}{map_setting}')::jsonb ? {raw})"
+                );
+                cols.push(format!(
+                    "count(*) filter (where {cond}), (array_agg(distinct {raw}) filter (where {cond}))[1:5]"
+                ));
+            }
+            CheckKind::Json {
+                on_error: OnError::Null,
+                ..
+            } => {
+                let shape = c.kind.shape_ok().expect("a json check");
+                cols.push(format!("count(*) filter (where not {shape}), null::text[]"));
+            }
+            CheckKind::Json { .. } => cols.push("0::int8, null::text[]".into()),
+        }
+    }
+    let counts = view.checks.iter().any(|c| match &c.kind {
+        CheckKind::Unmapped { .. } => true,
+        CheckKind::Json { on_error, .. } => *on_error == OnError::Null,
+    });
+    counts.then(|| format!("select {} {}", cols.join(", "), rows_of(view, ranges)))
+}
+
+/// `row(<key expressions>)::text` of a view row, to name it in messages.
+pub fn key_text(view: &View) -> String {
+    let keys: Vec<&str> = view
+        .columns
+        .iter()
+        .filter(|c| view.job.key.contains(&c.name))
+        .map(|c| c.expr.as_str())
+        .collect();
+    format!("row({})::text", keys.join(", "))
 }
 
 /// The view's select over no rows, to check that it plans on the source.
@@ -256,6 +305,9 @@ mod tests {
                 name: "id".into(),
                 expr: r#""o"."id""#.into(),
                 target_type: "bigint".into(),
+                stage_type: "bigint".into(),
+                load: None,
+                origin: "o.id".into(),
             }],
             cursor: vec![
                 CursorColumn {
@@ -268,6 +320,7 @@ mod tests {
                 },
             ],
             settings: vec![],
+            checks: vec![],
         }
     }
 
