@@ -214,6 +214,7 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
                     on_error: *on_error,
                 };
                 let shape = kind.shape_ok().expect("a json check");
+                let raw = raw.clone();
                 checks.push(Check {
                     column: c.name.clone(),
                     origin: origin.clone(),
@@ -222,8 +223,12 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
                 match on_error {
                     // A wrong shape divides by zero: the batch stops, and the diagnosis
                     // that follows names the row.
+                    // A value means every step of the path was traversable, so the shape is
+                    // checked only where there is none.
                     OnError::Fail => (
-                        format!("case when {shape} then ({raw})::{ty} else (1 / ({shape})::int)::text::{ty} end"),
+                        format!(
+                            "coalesce(({raw})::{ty}, case when {shape} then null::{ty} else (1 / ({shape})::int)::text::{ty} end)"
+                        ),
                         ty,
                     ),
                     // The DWH casts, turning what does not cast into NULL (and counting it).
@@ -236,7 +241,8 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
                             ));
                             stage_type = Some("text".to_string());
                         }
-                        (format!("case when {shape} then {raw} end"), ty)
+                        // A path through a scalar reads as NULL already; the stats count it.
+                        (raw, ty)
                     }
                 }
             }
