@@ -61,6 +61,18 @@ pub enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Notify jobs: create the event table and triggers in the source (idempotent)
+    Install {
+        #[arg(required = true)]
+        jobs: Vec<String>,
+    },
+    /// Notify jobs: drop the event table and triggers from the source (idempotent)
+    Uninstall {
+        #[arg(required = true)]
+        jobs: Vec<String>,
+    },
+    /// Print the DDL that `install JOB` runs
+    Sql { job: String },
     /// Start a throwaway PostgreSQL, fill a sample shop, run the example jobs, show the result
     Demo,
     /// Print the job file equivalent to a view document of another tool
@@ -187,6 +199,33 @@ async fn dispatch(command: Command, config: Arc<Config>) -> Result<(), Failure> 
             }
             Ok(())
         }
+        Command::Install { jobs } => {
+            for job in notify_jobs(&config, &jobs)? {
+                ctx.install(&job)
+                    .await
+                    .map_err(|e| Failure::job(&job.name, &e))?;
+                println!("job {}: installed", job.name);
+            }
+            Ok(())
+        }
+        Command::Uninstall { jobs } => {
+            for job in notify_jobs(&config, &jobs)? {
+                ctx.uninstall(&job)
+                    .await
+                    .map_err(|e| Failure::job(&job.name, &e))?;
+                println!("job {}: uninstalled", job.name);
+            }
+            Ok(())
+        }
+        Command::Sql { job } => {
+            let job = notify_jobs(&config, std::slice::from_ref(&job))?.remove(0);
+            let ddl = ctx
+                .install_sql(&job)
+                .await
+                .map_err(|e| Failure::job(&job.name, &e))?;
+            print!("{ddl}");
+            Ok(())
+        }
         Command::Demo | Command::Import { .. } => unreachable!("handled before loading the config"),
     }
 }
@@ -207,6 +246,18 @@ fn import(file: &std::path::Path, source: Option<&str>) -> Result<(), Failure> {
     })?;
     print!("{job}");
     Ok(())
+}
+
+/// The named jobs, each of which must be a notify job.
+fn notify_jobs(config: &Config, names: &[String]) -> Result<Vec<Arc<JobSpec>>, Failure> {
+    let jobs = select(config, names)?;
+    if let Some(j) = jobs.iter().find(|j| j.mode != Mode::Notify) {
+        return Err(Failure::invalid(format!(
+            "job {} is a poll job: only notify jobs (mode = \"notify\") have triggers",
+            j.name
+        )));
+    }
+    Ok(jobs)
 }
 
 fn select(config: &Config, names: &[String]) -> Result<Vec<Arc<JobSpec>>, Failure> {
@@ -332,6 +383,8 @@ async fn run_once(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
                 s.batches,
                 if s.rechecked > 0 {
                     format!(" ({} re-read by recheck)", s.rechecked)
+                } else if job.mode == Mode::Notify {
+                    format!(", {} events, {} deleted", s.events, s.deleted)
                 } else {
                     String::new()
                 },
@@ -395,6 +448,7 @@ async fn status(ctx: &Context, jobs: &[Arc<JobSpec>], as_json: bool) -> Result<(
         let err = |e: crate::state::StateError| Failure::failed(e.to_string());
         let pos = ctx.store.position(&job.name).await.map_err(err)?;
         let last = ctx.store.last_run(&job.name).await.map_err(err)?;
+        let mut oldest = None;
         let waiting = match job.mode {
             Mode::Poll => match ctx.waiting(job, pos.as_ref()).await {
                 Ok(n) => Some(n),
@@ -403,7 +457,16 @@ async fn status(ctx: &Context, jobs: &[Arc<JobSpec>], as_json: bool) -> Result<(
                     None
                 }
             },
-            Mode::Notify => None,
+            Mode::Notify => match ctx.events_waiting(job).await {
+                Ok((n, age)) => {
+                    oldest = age;
+                    Some(n)
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.name, error = %e, "cannot count waiting events");
+                    None
+                }
+            },
         };
         out.push(json!({
             "job": job.name,
@@ -411,6 +474,7 @@ async fn status(ctx: &Context, jobs: &[Arc<JobSpec>], as_json: bool) -> Result<(
             "watermark": pos.as_ref().and_then(|p| p.watermark.clone()),
             "open_windows": pos.as_ref().map_or(0, |p| p.windows.len()),
             "waiting": waiting,
+            "oldest_event_secs": oldest,
             "last_run": last,
         }));
     }

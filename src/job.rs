@@ -16,7 +16,7 @@ use crate::config::{Config, JobSpec, Mode};
 use crate::pg::{self, PgError, Retry};
 use crate::position::Position;
 use crate::sink::{self, SinkError};
-use crate::source;
+use crate::source::{self, notify};
 pub use crate::state::Tally;
 use crate::state::{StateError, Store};
 use crate::view::sql::RangeRef;
@@ -39,6 +39,8 @@ pub enum JobError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("its triggers are not installed in the source (or not on every table of its view): run `pgtide install` for it first")]
+    NotInstalled,
     /// A value a transform cannot convert, with the row it is in.
     #[error("{0}")]
     Data(String),
@@ -73,15 +75,21 @@ pub struct RunSummary {
     pub batches: u64,
     /// Rows re-read by rechecking open windows (included in `rows`).
     pub rechecked: u64,
+    /// Notify jobs: events taken from the event table.
+    pub events: u64,
+    /// Notify jobs: target rows deleted or marked deleted.
+    pub deleted: u64,
     /// Per column, values that transforms turned into NULL.
     pub tallies: BTreeMap<String, Tally>,
 }
 
-/// What one batch (or one recheck) applied.
+/// What one batch (or one recheck, or one drain) applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Applied {
     rows: u64,
     changed: u64,
+    /// Target rows deleted or marked deleted (notify jobs).
+    deleted: u64,
     tallies: BTreeMap<String, Tally>,
 }
 
@@ -89,6 +97,7 @@ impl RunSummary {
     fn add(&mut self, a: Applied) {
         self.rows += a.rows;
         self.changed += a.changed;
+        self.deleted += a.deleted;
         for (column, t) in a.tallies {
             let mine = self.tallies.entry(column).or_default();
             mine.unmapped += t.unmapped;
@@ -181,14 +190,9 @@ impl Context {
         Ok(pg::connect(&self.config.dwh.url, &Self::application(job), "dwh").await?)
     }
 
-    /// Notify jobs are part of the contract but not built yet: refuse them rather than poll.
-    fn supported(&self, job: &JobSpec) -> Result<(), JobError> {
-        match job.mode {
-            Mode::Poll => Ok(()),
-            Mode::Notify => Err(JobError::Unsupported(
-                "mode = \"notify\" is not available in this version; use mode = \"poll\"".into(),
-            )),
-        }
+    /// Every mode this version runs.
+    fn supported(&self, _job: &JobSpec) -> Result<(), JobError> {
+        Ok(())
     }
 
     /// Connect both sides, take the job's lock, resolve the view and prepare the target.
@@ -200,6 +204,13 @@ impl Context {
         }
         let source = self.connect_source(job).await?;
         let view = view::resolve(&source, job).await?;
+        if job.mode == Mode::Notify
+            && !notify::installed(&source, &view)
+                .await
+                .map_err(JobError::Source)?
+        {
+            return Err(JobError::NotInstalled);
+        }
         sink::ensure_control(&mut dwh).await?;
         let target = sink::ensure_target(&mut dwh, &view).await?;
         sink::create_staging(&dwh, &view).await?;
@@ -265,6 +276,12 @@ impl Context {
         let job = s.view.job.clone();
         let started = Instant::now();
         let mut pos = self.position(s).await?;
+        if job.mode == Mode::Notify {
+            self.follow(s, run, &mut pos, summary).await?;
+            tracing::info!(job = %job.name, rows = summary.rows, changed = summary.changed, deleted = summary.deleted,
+                events = summary.events, ms = started.elapsed().as_millis() as u64, "caught up");
+            return Ok(());
+        }
         if !pos.windows.is_empty() {
             let (applied, dropped) = self.recheck(s, &mut pos).await?;
             let (rows, changed) = (applied.rows, applied.changed);
@@ -317,6 +334,7 @@ impl Context {
             has_lo: lo.is_some(),
             has_hi: true,
             recheck: false,
+            keys: false,
         }];
         let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
         let mut next = pos.clone();
@@ -329,6 +347,7 @@ impl Context {
             &settings,
             Some(&next),
             &mut s.copy_direct,
+            None,
         )
         .await;
         drop(tx);
@@ -339,6 +358,110 @@ impl Context {
             }
             Err(e) => Err(s.explain(e, &ranges, settings).await),
         }
+    }
+
+    /// A notify job's run: load the rows that existed before its triggers (once, by
+    /// watermark), then apply its events until none are left.
+    async fn follow(
+        &self,
+        s: &mut Session,
+        run: i64,
+        pos: &mut Position,
+        summary: &mut RunSummary,
+    ) -> Result<(), JobError> {
+        let job = s.view.job.clone();
+        if !pos.initial_done {
+            while let Some(applied) = self.batch(s, pos, summary.batches > 0).await? {
+                summary.add(applied);
+                summary.batches += 1;
+                self.store
+                    .advance_run(&job.name, pos, run, summary.rows as i64)
+                    .await?;
+            }
+            // Late commits below the watermark have events of their own: no windows to keep.
+            pos.windows.clear();
+            pos.initial_done = true;
+            pos.seq += 1;
+            let tx = s.dwh.transaction().await.map_err(SinkError::from)?;
+            sink::write_position(&tx, &job.name, pos).await?;
+            tx.commit().await.map_err(SinkError::from)?;
+            self.store.advance(&job.name, pos).await?;
+            tracing::info!(job = %job.name, rows = summary.rows, "loaded the existing rows; following events from here");
+        }
+        loop {
+            let Some((events, applied)) = self.drain(s).await? else {
+                break;
+            };
+            summary.events += events as u64;
+            summary.add(applied);
+            summary.batches += 1;
+            self.store.progress_run(run, summary.rows as i64).await?;
+        }
+        Ok(())
+    }
+
+    /// Take one batch of events, re-read the current view rows they point to, apply them (and
+    /// the rows that are gone) in one DWH transaction, and only then remove the events. `None`
+    /// when no event was waiting.
+    async fn drain(&self, s: &mut Session) -> Result<Option<(usize, Applied)>, JobError> {
+        let tx = s.source.transaction().await.map_err(JobError::Source)?;
+        let changes = notify::take(&tx, &s.view, s.view.job.batch_size)
+            .await
+            .map_err(JobError::Source)?;
+        if changes.events == 0 {
+            return Ok(None);
+        }
+        let mut no_direct = false;
+        let result = if changes.truncated {
+            apply(
+                &tx,
+                &mut s.dwh,
+                &s.view,
+                &[RangeRef::all()],
+                &[],
+                None,
+                &mut no_direct,
+                Some(sink::Missing::All),
+            )
+            .await
+        } else {
+            let keys = affected_keys(&tx, &s.view, &changes).await?;
+            if keys.is_empty() {
+                tx.commit().await.map_err(JobError::Source)?;
+                return Ok(Some((changes.events, Applied::default())));
+            }
+            let settings: Vec<Setting> = (0..s.view.captured[0].columns.len())
+                .map(|i| Setting {
+                    name: format!("nk{i}"),
+                    value: view::resolve::text_array(
+                        &keys.iter().map(|k| k[i].clone()).collect::<Vec<_>>(),
+                    ),
+                })
+                .collect();
+            let ranges = [RangeRef::keys("n")];
+            let result = apply(
+                &tx,
+                &mut s.dwh,
+                &s.view,
+                &ranges,
+                &settings,
+                None,
+                &mut no_direct,
+                Some(sink::Missing::Keys(&keys)),
+            )
+            .await;
+            match result {
+                Ok(a) => Ok(a),
+                Err(e) => {
+                    drop(tx);
+                    return Err(s.explain(e, &ranges, settings).await);
+                }
+            }
+        };
+        let applied = result?;
+        crash_point("PGTIDE_CRASH_BETWEEN_COMMITS");
+        tx.commit().await.map_err(JobError::Source)?;
+        Ok(Some((changes.events, applied)))
     }
 
     /// Re-read rows of open windows written by transactions the windows' snapshots could not
@@ -362,6 +485,7 @@ impl Context {
                 has_lo: w.lo.is_some(),
                 has_hi: true,
                 recheck: true,
+                keys: false,
             });
             settings.extend(source::range_settings(
                 &prefix,
@@ -389,6 +513,7 @@ impl Context {
             &settings,
             position,
             &mut direct,
+            None,
         )
         .await;
         drop(tx);
@@ -445,6 +570,7 @@ impl Context {
                     has_lo: lo.is_some(),
                     has_hi: true,
                     recheck: false,
+                    keys: false,
                 }];
                 let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
                 let mut direct = false;
@@ -456,6 +582,7 @@ impl Context {
                     &settings,
                     None,
                     &mut direct,
+                    None,
                 )
                 .await;
                 drop(tx);
@@ -494,10 +621,12 @@ impl Context {
         let remote = sink::read_position(&s.dwh, &job.name)
             .await?
             .map_or(0, |p| p.seq);
+        // A notify job loads the rows past the new watermark again, then follows its events.
         let pos = Position {
             watermark: to,
             windows: Vec::new(),
             seq: local.max(remote) + 1,
+            initial_done: false,
         };
         let tx = s.dwh.transaction().await.map_err(SinkError::from)?;
         sink::write_position(&tx, &job.name, &pos).await?;
@@ -505,6 +634,43 @@ impl Context {
         self.store.overwrite(&job.name, &pos).await?;
         s.close().await;
         Ok(pos)
+    }
+
+    /// Resolve a notify job's view on its source.
+    async fn source_view(&self, job: &Arc<JobSpec>) -> Result<(Client, View), JobError> {
+        let source = self.connect_source(job).await?;
+        let view = view::resolve(&source, job).await?;
+        Ok((source, view))
+    }
+
+    /// The DDL `install` runs for a notify job.
+    pub async fn install_sql(&self, job: &Arc<JobSpec>) -> Result<String, JobError> {
+        let (_, view) = self.source_view(job).await?;
+        Ok(notify::install_sql(&view))
+    }
+
+    /// Create (or replace) the job's event table and triggers in the source.
+    pub async fn install(&self, job: &Arc<JobSpec>) -> Result<(), JobError> {
+        let (mut source, view) = self.source_view(job).await?;
+        notify::install(&mut source, &view)
+            .await
+            .map_err(JobError::Source)
+    }
+
+    /// Drop the job's event table and triggers from the source.
+    pub async fn uninstall(&self, job: &Arc<JobSpec>) -> Result<(), JobError> {
+        let mut source = self.connect_source(job).await?;
+        notify::uninstall(&mut source, &job.name)
+            .await
+            .map_err(JobError::Source)
+    }
+
+    /// Events waiting for a notify job, and the age of the oldest in seconds.
+    pub async fn events_waiting(&self, job: &Arc<JobSpec>) -> Result<(i64, Option<f64>), JobError> {
+        let source = self.connect_source(job).await?;
+        notify::waiting(&source, &job.name)
+            .await
+            .map_err(JobError::Source)
     }
 
     /// Source rows past the stored watermark, for `status`.
@@ -519,6 +685,51 @@ impl Context {
         source::count(&source, &view, wm.as_deref(), None)
             .await
             .map_err(JobError::Source)
+    }
+}
+
+/// The main-table keys behind a batch of events: recorded directly for the main table, found
+/// through the join for joined tables. Rows without a key (NULLs) cannot be in the target.
+async fn affected_keys(
+    tx: &tokio_postgres::Transaction<'_>,
+    view: &View,
+    changes: &notify::Changes,
+) -> Result<Vec<Vec<String>>, JobError> {
+    let mut keys: std::collections::BTreeSet<Vec<String>> = changes.values[0]
+        .iter()
+        .filter_map(|v| v.iter().cloned().collect::<Option<Vec<String>>>())
+        .collect();
+    for (table, values) in changes.values.iter().enumerate().skip(1) {
+        if values.is_empty() {
+            continue;
+        }
+        let width = view.captured[table].columns.len();
+        let columns: Vec<Vec<Option<String>>> = (0..width)
+            .map(|i| values.iter().map(|v| v.get(i).cloned().flatten()).collect())
+            .collect();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
+            .iter()
+            .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let rows = tx
+            .query(view::sql::affected_keys(view, table).as_str(), &params)
+            .await
+            .map_err(JobError::Source)?;
+        for r in rows {
+            let key: Option<Vec<String>> = (0..view.captured[0].columns.len())
+                .map(|i| r.get(i))
+                .collect();
+            keys.extend(key);
+        }
+    }
+    Ok(keys.into_iter().collect())
+}
+
+/// A crash on purpose, for tests of what a crash at this point leaves behind (debug builds).
+fn crash_point(name: &str) {
+    if cfg!(debug_assertions) && std::env::var_os(name).is_some() {
+        eprintln!("pgtide: {name} is set: aborting here");
+        std::process::abort();
     }
 }
 
@@ -540,6 +751,7 @@ async fn normalize(
 
 /// Apply the view rows of `ranges`: straight into the target while `direct` holds, else (and
 /// from the first key found in the target on) through the staging table.
+#[allow(clippy::too_many_arguments)]
 async fn apply(
     source_tx: &tokio_postgres::Transaction<'_>,
     dwh: &mut Client,
@@ -548,16 +760,21 @@ async fn apply(
     settings: &[Setting],
     position: Option<&Position>,
     direct: &mut bool,
+    missing: Option<sink::Missing<'_>>,
 ) -> Result<Applied, JobError> {
-    if *direct {
-        if let Some(done) = transfer(source_tx, dwh, view, ranges, settings, position, true).await?
+    if *direct && missing.is_none() {
+        if let Some(done) =
+            transfer(source_tx, dwh, view, ranges, settings, position, true, None).await?
         {
             return Ok(done);
         }
         // A key already in the target: this batch (same snapshot) and all that follow stage.
         *direct = false;
     }
-    let done = transfer(source_tx, dwh, view, ranges, settings, position, false).await?;
+    let done = transfer(
+        source_tx, dwh, view, ranges, settings, position, false, missing,
+    )
+    .await?;
     Ok(done.expect("only direct copies meet existing keys"))
 }
 
@@ -567,6 +784,7 @@ async fn apply(
 /// `direct` copies straight into the target, which only works while no key exists there
 /// yet; a key that does ends the attempt with `Ok(None)` and nothing written, so the caller
 /// can stage the batch instead.
+#[allow(clippy::too_many_arguments)]
 async fn transfer(
     source_tx: &tokio_postgres::Transaction<'_>,
     dwh: &mut Client,
@@ -575,6 +793,7 @@ async fn transfer(
     settings: &[Setting],
     position: Option<&Position>,
     direct: bool,
+    missing: Option<sink::Missing<'_>>,
 ) -> Result<Option<Applied>, JobError> {
     source::set_settings(source_tx, view, settings.to_vec())
         .await
@@ -643,6 +862,9 @@ async fn transfer(
         (false, 0) => 0,
         (false, _) => sink::upsert(&tx, view).await?,
     };
+    if let Some(m) = missing {
+        applied.deleted = sink::remove_missing(&tx, view, m).await?;
+    }
     if let Some(p) = position {
         sink::write_position(&tx, &view.job.name, p).await?;
     }

@@ -32,6 +32,10 @@ pub struct Position {
     pub windows: Vec<Window>,
     /// Grows by one with every committed change of position.
     pub seq: i64,
+    /// Notify jobs: the load of the rows that existed before the triggers is done; from here
+    /// on the job follows its events.
+    #[serde(default)]
+    pub initial_done: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -110,7 +110,7 @@ async fn the_demo_runs_and_cleans_up() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_dry_run_changes_nothing_and_notify_jobs_are_refused() {
+async fn a_dry_run_changes_nothing_and_uninstalled_notify_jobs_are_refused() {
     let env = Env::new().await;
     env.src
         .batch_execute("create table t (id bigint primary key, v text); insert into t select g, 'v' from generate_series(1, 7) g")
@@ -134,12 +134,13 @@ async fn a_dry_run_changes_nothing_and_notify_jobs_are_refused() {
         .get(0);
     assert_eq!(tables, 0, "a dry run must not create anything in the DWH");
 
+    // A notify job whose triggers are not installed is refused before anything is written.
     env.job("t", "mode = \"notify\"\nkey = [\"id\"]\n[from]\ntable = \"t\"\n[[column]]\nname = \"id\"\nfrom = \"t.id\"\n");
     let out = env.pgtide(&["run-once"]).await;
     assert_eq!(out.code(), 1, "{}", out.stderr());
     assert!(
         out.stderr()
-            .contains("job t: mode = \"notify\" is not available in this version"),
+            .contains("job t: its triggers are not installed in the source"),
         "{}",
         out.stderr()
     );

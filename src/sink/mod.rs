@@ -16,6 +16,13 @@ pub const CONTROL_SCHEMA: &str = "pgtide";
 /// Session-local staging table the COPY writes into.
 pub const STAGE: &str = "_pgtide_stage";
 pub const LOADED_AT: &str = "_pgtide_loaded_at";
+/// With `on_delete = "soft"`: the view row is gone from the source.
+pub const DELETED: &str = "_pgtide_deleted";
+
+fn soft(view: &View) -> bool {
+    view.job.mode == crate::config::Mode::Notify
+        && view.job.on_delete == crate::config::OnDelete::Soft
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -145,6 +152,12 @@ async fn plan_target(tx: &Transaction<'_>, view: &View) -> Result<TargetPlan, Si
             "{} timestamptz not null default now()",
             quote_ident(LOADED_AT)
         ));
+        if soft(view) {
+            cols.push(format!(
+                "{} boolean not null default false",
+                quote_ident(DELETED)
+            ));
+        }
         let key: Vec<String> = view.job.key.iter().map(|k| quote_ident(k)).collect();
         let ddl = format!(
             "create schema if not exists {}; create table if not exists {quoted} ({}, primary key ({}))",
@@ -182,6 +195,12 @@ async fn plan_target(tx: &Transaction<'_>, view: &View) -> Result<TargetPlan, Si
         additions.push(format!(
             "add column {} timestamptz not null default now()",
             quote_ident(LOADED_AT)
+        ));
+    }
+    if soft(view) && !existing.contains_key(DELETED) {
+        additions.push(format!(
+            "add column {} boolean not null default false",
+            quote_ident(DELETED)
         ));
     }
     let mut want = view.job.key.clone();
@@ -369,8 +388,17 @@ pub fn upsert_sql(view: &View) -> String {
         .iter()
         .filter(|c| !view.job.key.contains(&c.name))
         .collect();
+    // A soft-deleted row that is back in the view is un-deleted.
+    let undelete = soft(view).then(|| format!("t.{}", quote_ident(DELETED)));
     let action = if rest.is_empty() {
-        "nothing".to_string()
+        match &undelete {
+            None => "nothing".to_string(),
+            Some(d) => format!(
+                "update set {n} = false, {l} = now() where {d}",
+                n = quote_ident(DELETED),
+                l = quote_ident(LOADED_AT)
+            ),
+        }
     } else {
         let sets: Vec<String> = rest
             .iter()
@@ -379,6 +407,11 @@ pub fn upsert_sql(view: &View) -> String {
                 "{} = now()",
                 quote_ident(LOADED_AT)
             )))
+            .chain(
+                undelete
+                    .as_ref()
+                    .map(|_| format!("{} = false", quote_ident(DELETED))),
+            )
             .collect();
         let side = |prefix: &str| -> String {
             let v: Vec<String> = rest
@@ -395,10 +428,14 @@ pub fn upsert_sql(view: &View) -> String {
             format!("({})", v.join(", "))
         };
         format!(
-            "update set {} where {} is distinct from {}",
+            "update set {} where {} is distinct from {}{}",
             sets.join(", "),
             side("t"),
-            side("excluded")
+            side("excluded"),
+            undelete
+                .as_ref()
+                .map(|d| format!(" or {d}"))
+                .unwrap_or_default()
         )
     };
     let values: Vec<String> = view
@@ -418,6 +455,73 @@ pub fn upsert_sql(view: &View) -> String {
         quote_ident(STAGE),
         key.join(", ")
     )
+}
+
+/// Which target rows may be gone from the view after a batch of a notify job.
+pub enum Missing<'a> {
+    /// Rows of these keys (main-table key values as text) that the batch did not bring.
+    Keys(&'a [Vec<String>]),
+    /// Every row the batch did not bring (after a TRUNCATE the batch is the whole view).
+    All,
+}
+
+/// Apply the job's `on_delete` to target rows that the staged batch shows gone from the view:
+/// delete them, mark them `_pgtide_deleted`, or leave them. Returns how many were affected.
+pub async fn remove_missing(
+    tx: &Transaction<'_>,
+    view: &View,
+    missing: Missing<'_>,
+) -> Result<u64, SinkError> {
+    use crate::config::OnDelete;
+    let target = quote_qualified(&view.job.target.schema, &view.job.target.name);
+    let keys: Vec<&crate::view::ViewColumn> = view
+        .job
+        .key
+        .iter()
+        .filter_map(|k| view.columns.iter().find(|c| &c.name == k))
+        .collect();
+    let t_keys: Vec<String> = keys
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(&c.name)))
+        .collect();
+    let s_keys: Vec<String> = keys
+        .iter()
+        .map(|c| format!("s.{}", quote_ident(&c.name)))
+        .collect();
+    let gone = format!(
+        "not exists (select from pg_temp.{} s where ({}) = ({}))",
+        quote_ident(STAGE),
+        s_keys.join(", "),
+        t_keys.join(", ")
+    );
+    let (filter, columns): (String, Vec<Vec<String>>) = match missing {
+        Missing::All => ("true".into(), Vec::new()),
+        Missing::Keys(values) => {
+            let arrays: Vec<String> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("${}::text[]::{}[]", i + 1, c.target_type))
+                .collect();
+            let columns = (0..keys.len())
+                .map(|i| values.iter().map(|v| v[i].clone()).collect())
+                .collect();
+            (crate::view::sql::in_arrays(&t_keys, &arrays), columns)
+        }
+    };
+    let q = match view.job.on_delete {
+        OnDelete::Ignore => return Ok(0),
+        OnDelete::Delete => format!("delete from {target} t where {filter} and {gone}"),
+        OnDelete::Soft => format!(
+            "update {target} t set {d} = true, {l} = now() where {filter} and not t.{d} and {gone}",
+            d = quote_ident(DELETED),
+            l = quote_ident(LOADED_AT)
+        ),
+    };
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
+        .iter()
+        .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    Ok(tx.execute(&q, &params).await?)
 }
 
 /// Per column the DWH casts (`load`), how many staged values did not cast and became NULL.
@@ -544,6 +648,7 @@ mod tests {
             cursor: vec![],
             settings: vec![],
             checks: vec![],
+            captured: vec![],
         }
     }
 

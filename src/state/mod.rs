@@ -377,11 +377,13 @@ mod tests {
             watermark: Some(vec!["20".into()]),
             windows: vec![],
             seq: 2,
+            initial_done: false,
         };
         let p1 = Position {
             watermark: Some(vec!["10".into()]),
             windows: vec![],
             seq: 1,
+            initial_done: false,
         };
         assert!(s.advance("j", &p2).await.unwrap());
         assert!(!s.advance("j", &p1).await.unwrap());

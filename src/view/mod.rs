@@ -124,6 +124,22 @@ pub struct View {
     pub settings: Vec<Setting>,
     /// Columns whose values are counted (unmapped, set NULL) or checked (JSON shape).
     pub checks: Vec<Check>,
+    /// Per table of the view (main table first): what a notify job's trigger records.
+    pub captured: Vec<Captured>,
+}
+
+/// What a notify job's trigger records about a changed row of one table of the view, and how
+/// those values lead back to the view rows the change affects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    /// The table's alias.
+    pub alias: String,
+    /// The columns the trigger records: for the main table those behind the view's key, for a
+    /// joined table its side of the join's equalities.
+    pub columns: Vec<String>,
+    /// Per recorded column, what it is compared with in the view query (for the main table the
+    /// column itself, for a joined table the earlier table's side) and that column's type.
+    pub matches: Vec<(String, String)>,
 }
 
 impl View {

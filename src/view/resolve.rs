@@ -13,7 +13,7 @@ use crate::config::{ColumnKind, ColumnRef, JobSpec, OnError, TableRef};
 use crate::pg::{self, quote_ident};
 
 use super::sql::{self, SETTING_PREFIX};
-use super::{Check, CheckKind, CursorColumn, Setting, View, ViewColumn};
+use super::{Captured, Check, CheckKind, CursorColumn, Setting, View, ViewColumn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
@@ -301,12 +301,14 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
         }
     }
 
+    let captured = capture(job, &tables, &mut problems);
     let view = View {
         job: job.clone(),
         columns,
         cursor,
         settings,
         checks,
+        captured,
     };
     if problems.is_empty() {
         // The whole query must plan; settings it reads are set for the probe's transaction.
@@ -319,6 +321,58 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
     } else {
         Err(ViewError::Problems(problems))
     }
+}
+
+/// What triggers record per table. A notify job finds the view rows of a deleted main-table row
+/// by its key, so every key column must be a main-table column taken as it is.
+fn capture(
+    job: &JobSpec,
+    tables: &HashMap<String, (u32, HashMap<String, SourceColumn>)>,
+    problems: &mut Vec<String>,
+) -> Vec<Captured> {
+    let type_of = |r: &ColumnRef| {
+        tables
+            .get(&r.alias)
+            .and_then(|(_, cols)| cols.get(&r.column))
+            .map(|c| c.src_type.clone())
+            .unwrap_or_default()
+    };
+    let mut main = Captured {
+        alias: job.from.alias.clone(),
+        columns: Vec::new(),
+        matches: Vec::new(),
+    };
+    for k in &job.key {
+        match job.columns.iter().find(|c| &c.name == k).map(|c| &c.kind) {
+            Some(ColumnKind::Direct(r)) if r.alias == job.from.alias => {
+                main.columns.push(r.column.clone());
+                main.matches.push((sql::column(&r.alias, &r.column), type_of(r)));
+            }
+            _ if job.mode == crate::config::Mode::Notify => problems.push(format!(
+                "key: {k:?} must be a column of the main table taken as it is (from = \"{}.column\"), so that a notify job can name the rows of a deleted row",
+                job.from.alias
+            )),
+            _ => {}
+        }
+    }
+    let mut out = vec![main];
+    for j in &job.joins {
+        out.push(Captured {
+            alias: j.table.alias.clone(),
+            columns: j.on.iter().map(|(_, this)| this.column.clone()).collect(),
+            matches: j
+                .on
+                .iter()
+                .map(|(earlier, _)| {
+                    (
+                        sql::column(&earlier.alias, &earlier.column),
+                        type_of(earlier),
+                    )
+                })
+                .collect(),
+        });
+    }
+    out
 }
 
 async fn table(
@@ -403,6 +457,7 @@ async fn sql_type(
         cursor: Vec::new(),
         settings: Vec::new(),
         checks: Vec::new(),
+        captured: Vec::new(),
     };
     let q = format!("select ({expr}) {} limit 0", sql::from_clause(&probe_view));
     let stmt = match client.prepare(&q).await {
@@ -456,7 +511,7 @@ pub fn settings_statement(settings: &[Setting]) -> Option<(String, Vec<String>, 
 }
 
 /// A PostgreSQL text[] literal, every element quoted.
-fn text_array(items: &[String]) -> String {
+pub fn text_array(items: &[String]) -> String {
     let quoted: Vec<String> = items
         .iter()
         .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))

@@ -17,13 +17,18 @@ pub fn column(alias: &str, column: &str) -> String {
 
 /// `from "s"."main" as "m" left join ... on ...`.
 pub fn from_clause(view: &View) -> String {
+    from_joins(view, view.job.joins.len())
+}
+
+/// The from clause with only the first `joins` joins.
+fn from_joins(view: &View, joins: usize) -> String {
     let job = &view.job;
     let mut s = format!(
         "from {} as {}",
         quote_qualified(&job.from.name.schema, &job.from.name.name),
         quote_ident(&job.from.alias)
     );
-    for j in &job.joins {
+    for j in job.joins.iter().take(joins) {
         let kind = match j.kind {
             JoinKind::Inner => "join",
             JoinKind::Left => "left join",
@@ -163,9 +168,66 @@ pub struct RangeRef {
     /// Recheck only rows written by these transactions: settings `<prefix>xip` (an xid
     /// array) and `<prefix>xmax` (rows written by this transaction id or later).
     pub recheck: bool,
+    /// Instead of a cursor range: the rows whose main-table key is in the arrays of settings
+    /// `<prefix>k<i>` (notify jobs).
+    pub keys: bool,
+}
+
+impl RangeRef {
+    /// The rows of the main-table keys in settings `<prefix>k<i>`.
+    pub fn keys(prefix: &str) -> RangeRef {
+        RangeRef {
+            prefix: prefix.into(),
+            has_lo: false,
+            has_hi: false,
+            recheck: false,
+            keys: true,
+        }
+    }
+
+    /// Every row of the view.
+    pub fn all() -> RangeRef {
+        RangeRef {
+            prefix: String::new(),
+            has_lo: false,
+            has_hi: false,
+            recheck: false,
+            keys: false,
+        }
+    }
+}
+
+/// `(a, b) in (select * from unnest(<arrays>))`, or `a = any(<array>)` for one column (which
+/// an index serves best).
+pub fn in_arrays(exprs: &[String], arrays: &[String]) -> String {
+    if exprs.len() == 1 {
+        format!("{} = any({})", exprs[0], arrays[0])
+    } else {
+        format!(
+            "({}) in (select * from unnest({}))",
+            exprs.join(", "),
+            arrays.join(", ")
+        )
+    }
 }
 
 fn range_predicate(view: &View, r: &RangeRef) -> String {
+    if r.keys {
+        let main = &view.captured[0];
+        let exprs: Vec<String> = main.matches.iter().map(|(e, _)| e.clone()).collect();
+        let arrays: Vec<String> = main
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty))| {
+                format!(
+                    "current_setting('{SETTING_PREFIX}{}k{i}')::{ty}[]",
+                    r.prefix
+                )
+            })
+            .collect();
+        return in_arrays(&exprs, &arrays);
+    }
     let mut preds = Vec::new();
     if r.has_lo {
         preds.push(format!(
@@ -252,6 +314,32 @@ pub fn check_stats(view: &View, ranges: &[RangeRef]) -> Option<String> {
     counts.then(|| format!("select {} {}", cols.join(", "), rows_of(view, ranges)))
 }
 
+/// The main-table keys of the view rows that a change of table `table` (an index into the
+/// view's tables, 1 for the first join) affects. Parameters: one text array per recorded
+/// column. Only the tables up to the changed one's partner are read, so rows that the change
+/// removes from the view (an inner join that no longer matches) are found too.
+pub fn affected_keys(view: &View, table: usize) -> String {
+    let cap = &view.captured[table];
+    let keys: Vec<String> = view.captured[0]
+        .matches
+        .iter()
+        .map(|(e, _)| format!("{e}::text"))
+        .collect();
+    let exprs: Vec<String> = cap.matches.iter().map(|(e, _)| e.clone()).collect();
+    let arrays: Vec<String> = cap
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| format!("${}::text[]::{ty}[]", i + 1))
+        .collect();
+    format!(
+        "select distinct {} {} where {}",
+        keys.join(", "),
+        from_joins(view, table - 1),
+        in_arrays(&exprs, &arrays)
+    )
+}
+
 /// `row(<key expressions>)::text` of a view row, to name it in messages.
 pub fn key_text(view: &View) -> String {
     let keys: Vec<&str> = view
@@ -321,6 +409,7 @@ mod tests {
             ],
             settings: vec![],
             checks: vec![],
+            captured: vec![],
         }
     }
 
@@ -355,6 +444,7 @@ mod tests {
                 has_lo: true,
                 has_hi: true,
                 recheck: false,
+                keys: false,
             }],
         );
         assert!(
@@ -377,12 +467,14 @@ mod tests {
                     has_lo: false,
                     has_hi: true,
                     recheck: true,
+                    keys: false,
                 },
                 RangeRef {
                     prefix: "w1".into(),
                     has_lo: true,
                     has_hi: true,
                     recheck: true,
+                    keys: false,
                 },
             ],
         );
