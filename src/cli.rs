@@ -37,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Validate the config, connect, verify source tables, columns and the targets
     Check { jobs: Vec<String> },
+    /// Daemon: follow notify jobs and run poll jobs on their interval until SIGINT/SIGTERM
+    Run,
     /// Run the jobs (default: all) until they are caught up, then exit
     RunOnce { jobs: Vec<String> },
     /// Per job: mode, watermark, last run, rows waiting
@@ -162,6 +164,10 @@ async fn dispatch(command: Command, config: Arc<Config>) -> Result<(), Failure> 
     match command {
         Command::Check { jobs } => check(&ctx, &select(&config, &jobs)?).await,
         Command::RunOnce { jobs } => run_once(&ctx, &select(&config, &jobs)?).await,
+        Command::Run => {
+            crate::daemon::run(ctx).await;
+            Ok(())
+        }
         Command::Status { json, jobs } => status(&ctx, &select(&config, &jobs)?, json).await,
         Command::Replay {
             job,

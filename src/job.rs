@@ -123,6 +123,63 @@ impl RunSummary {
     }
 }
 
+/// A notify job followed by the daemon: its session (and the job's lock) stays open between
+/// drains, so a drain costs only its own statements.
+pub struct Follower {
+    ctx: Context,
+    session: Session,
+    run: i64,
+    pub summary: RunSummary,
+    last_progress: Instant,
+}
+
+impl Follower {
+    pub fn job(&self) -> &Arc<JobSpec> {
+        &self.session.view.job
+    }
+
+    /// Apply every waiting event; returns how many were taken.
+    pub async fn drain_all(&mut self) -> Result<u64, JobError> {
+        let mut events = 0;
+        while let Some((n, applied)) = self.ctx.drain(&mut self.session).await? {
+            events += n as u64;
+            self.summary.events += n as u64;
+            self.summary.add(applied);
+            self.summary.batches += 1;
+        }
+        // The run's row count is kept up to date at most once a second: no disk sync per drain.
+        if events > 0 && self.last_progress.elapsed() >= std::time::Duration::from_secs(1) {
+            self.ctx
+                .store
+                .progress_run(self.run, self.summary.rows as i64)
+                .await?;
+            self.last_progress = Instant::now();
+        }
+        Ok(events)
+    }
+
+    /// Record the end of the follow (and why, if it failed) and release the job's lock.
+    pub async fn finish(self, error: Option<&JobError>) {
+        let name = self.session.view.job.name.clone();
+        let error = error.map(|e| format!("job {name}: {e}"));
+        self.summary.report(&name);
+        if let Err(e) = self
+            .ctx
+            .store
+            .finish_run(
+                self.run,
+                self.summary.rows as i64,
+                error,
+                &self.summary.tallies,
+            )
+            .await
+        {
+            tracing::warn!(job = %name, error = %e, "cannot record the end of the run");
+        }
+        self.session.close().await;
+    }
+}
+
 /// Everything a job run needs besides the job.
 #[derive(Clone)]
 pub struct Context {
@@ -247,6 +304,33 @@ impl Context {
             self.store.overwrite(name, &pos).await?;
         }
         Ok(pos)
+    }
+
+    /// Start following a notify job: take its lock, load what existed before its triggers,
+    /// and apply the events waiting. The run stays `running` until `Follower::finish`.
+    pub async fn follower(&self, job: &Arc<JobSpec>) -> Result<Follower, JobError> {
+        let mut session = self.open(job).await?;
+        let run = self.store.start_run(&job.name).await?;
+        let mut summary = RunSummary::default();
+        let caught_up = async {
+            let mut pos = self.position(&session).await?;
+            self.follow(&mut session, run, &mut pos, &mut summary).await
+        }
+        .await;
+        let follower = Follower {
+            ctx: self.clone(),
+            session,
+            run,
+            summary,
+            last_progress: Instant::now(),
+        };
+        match caught_up {
+            Ok(()) => Ok(follower),
+            Err(e) => {
+                follower.finish(Some(&e)).await;
+                Err(e)
+            }
+        }
     }
 
     /// Run the job until it is caught up, recording the run in the state store.

@@ -3,11 +3,13 @@
 //!
 //! - `config`: `pgtide.toml` and `jobs/*.toml`, parsed raw then validated, every problem listed.
 //! - `view`: a job resolved against the source catalog, and the SQL that reads it.
-//! - `source`: snapshot-consistent keyset reads of the source, streamed out as binary COPY.
+//! - `source`: snapshot-consistent keyset reads of the source, streamed out as binary COPY;
+//!   notify jobs' triggers, event tables and listeners.
 //! - `sink`: the DWH target table, staging COPY, set-based upsert, job locks, control table.
 //! - `position`: watermarks and the recheck windows that keep them exact.
 //! - `state`: the local SQLite store of positions and runs.
-//! - `job`: one run of a job, batch by batch.
+//! - `job`: one run of a job, batch by batch; a notify job followed between drains.
+//! - `daemon`: `pgtide run`: listeners, sweeps, intervals, signals.
 //! - `pg`: connections, quoting, secret-free messages, error classification.
 //! - `cluster`: a throwaway local PostgreSQL (for `demo` and the tests).
 //! - `demo`: the `pgtide demo` command.
@@ -17,6 +19,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod import;
 pub mod job;

@@ -28,6 +28,28 @@ pub enum PgError {
 /// Open a connection whose session identifies the job and runs in UTC with a statement timeout.
 /// The connection's driver runs on its own task; it ends when the client is dropped.
 pub async fn connect(url: &str, application: &str, what: &str) -> Result<Client, PgError> {
+    let (client, connection) = connect_raw(url, application, what).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// `connect`, handing back the connection's driver for a caller that polls it itself (the
+/// only way tokio-postgres delivers notifications).
+pub async fn connect_raw(
+    url: &str,
+    application: &str,
+    what: &str,
+) -> Result<
+    (
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    PgError,
+> {
     let mut config: tokio_postgres::Config = url.parse().map_err(|_| PgError::Url(redact(url)))?;
     config
         .application_name(application)
@@ -37,20 +59,14 @@ pub async fn connect(url: &str, application: &str, what: &str) -> Result<Client,
         .options(format!(
             "-c timezone=UTC -c statement_timeout={STATEMENT_TIMEOUT_MS} -c extra_float_digits=3 -c DateStyle=ISO,YMD -c IntervalStyle=postgres"
         ));
-    let (client, connection) = config
+    config
         .connect(NoTls)
         .await
         .map_err(|source| PgError::Connect {
             what: what.to_string(),
             target: describe(url),
             source,
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection closed");
-        }
-    });
-    Ok(client)
+        })
 }
 
 /// `"name"` with embedded quotes doubled: safe for any identifier.

@@ -380,3 +380,92 @@ async fn changes_during_the_first_load_are_not_lost() {
     env.pgtide(&["run-once"]).await.ok();
     converged(&env, LEFT_VIEW).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_follows_events_and_survives_a_killed_listener() {
+    let env = env("left", "delete").await;
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = env
+        .command(&["run"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let dwh = &env.dwh;
+    let has = |id: i64| async move {
+        dwh.query_opt("select 1 from dw.orders where order_id = $1", &[&id])
+            .await
+            .map(|r| r.is_some())
+            .unwrap_or(false)
+    };
+    support::wait_for(30, "the first load", || has(20)).await;
+
+    env.src
+        .batch_execute("insert into orders values (500, 1, 5, 'live')")
+        .await
+        .unwrap();
+    support::wait_for(5, "a notified insert to land", || has(500)).await;
+
+    // Kill the listening connection: the daemon notices, reconnects, and drains what it missed.
+    let killed: i64 = env
+        .src
+        .query_one("select count(pg_terminate_backend(pid)) from pg_stat_activity where application_name = 'pgtide:orders:listen'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    env.src
+        .batch_execute("insert into orders values (501, 2, 5, 'while reconnecting')")
+        .await
+        .unwrap();
+    support::wait_for(
+        10,
+        "the row inserted while the listener was gone (the sweep is 60 s away)",
+        || has(501),
+    )
+    .await;
+    let src = &env.src;
+    support::wait_for(10, "a new listener", || async {
+        src.query_one(
+            "select count(*) from pg_stat_activity where application_name = 'pgtide:orders:listen'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    env.src
+        .batch_execute("update customers set name = 'after reconnect' where id = 1")
+        .await
+        .unwrap();
+    support::wait_for(5, "a joined-table change after the reconnect", || async {
+        dwh.query_one(
+            "select count(*) from dw.orders where customer = 'after reconnect'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    converged(&env, LEFT_VIEW).await;
+
+    // SIGTERM: exit 0 promptly, the run recorded as finished.
+    unsafe { libc::kill(daemon.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), daemon.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status:?}\n{text}");
+    assert!(
+        text.contains("listening connection lost; reconnecting"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&env.pgtide(&["status", "--json"]).await.ok().stdout()).unwrap();
+    assert_eq!(v[0]["last_run"]["outcome"], "ok", "{v}");
+}

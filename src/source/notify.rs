@@ -239,6 +239,70 @@ pub async fn waiting(
     Ok((row.get(0), row.get(1)))
 }
 
+/// What the listening connection reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    /// A NOTIFY on the job's channel: events are waiting.
+    Notified,
+    /// The connection is gone (terminated, network, server restart).
+    Lost(String),
+}
+
+/// A dedicated, idle connection that LISTENs on a job's channel.
+pub struct Listener {
+    client: Client,
+    pub wakes: tokio::sync::mpsc::UnboundedReceiver<Wake>,
+}
+
+impl Listener {
+    /// Connect and LISTEN. Notifications arrive on `wakes`; so does the loss of the connection.
+    pub async fn start(url: &str, job: &str, what: &str) -> Result<Listener, crate::pg::PgError> {
+        use futures_util::StreamExt;
+        let (client, mut connection) =
+            crate::pg::connect_raw(url, &format!("pgtide:{job}:listen"), what).await?;
+        let (tx, wakes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            let why = loop {
+                match messages.next().await {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                        if tx.send(Wake::Notified).is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break crate::pg::message(&e),
+                    None => break "connection closed".to_string(),
+                };
+            };
+            let _ = tx.send(Wake::Lost(why));
+        });
+        client
+            .batch_execute(&format!("listen {}", quote_ident(&channel(job))))
+            .await
+            .map_err(|source| crate::pg::PgError::Connect {
+                what: what.to_string(),
+                target: crate::pg::describe(url),
+                source,
+            })?;
+        Ok(Listener { client, wakes })
+    }
+
+    /// A round trip on the listening connection, to notice a dead socket that sends nothing.
+    pub async fn ping(&self) -> Result<(), String> {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.client.simple_query(""),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(crate::pg::message(&e)),
+            Err(_) => Err("no answer within 10 s".into()),
+        }
+    }
+}
+
 /// What a batch of events says changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
