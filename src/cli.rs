@@ -318,13 +318,6 @@ async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
     let mut problems = Vec::new();
     let mut unreachable = Vec::new();
     for job in jobs {
-        if job.mode == Mode::Notify {
-            unreachable.push(format!(
-                "job {}: mode = \"notify\" is not available in this version",
-                job.name
-            ));
-            continue;
-        }
         let source = match ctx.connect_source(job).await {
             Ok(c) => c,
             Err(e) => {
@@ -353,6 +346,17 @@ async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
                 continue;
             }
         };
+        if job.mode == Mode::Notify {
+            match crate::source::notify::installed(&source, &view).await {
+                Ok(true) => {}
+                Ok(false) => problems.push(format!(
+                    "{}: its triggers are not installed in the source (or not on every table of its view): run `pgtide install {}`",
+                    job.file.display(),
+                    job.name
+                )),
+                Err(e) => unreachable.push(format!("job {}: source: {}", job.name, crate::pg::message(&e))),
+            }
+        }
         match sink::check_target(&mut dwh, &view).await {
             Ok(p) if p.is_empty() => {
                 println!("ok   {} ({} -> {})", job.name, job.from.name, job.target)

@@ -73,6 +73,14 @@ async fn install_and_uninstall_are_idempotent_and_leave_nothing_behind() {
     let env = Env::new().await;
     env.src.batch_execute(SHOP).await.unwrap();
     env.job("orders", &job("left", "delete"));
+    let out = env.pgtide(&["check"]).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("its triggers are not installed in the source"),
+        "{}",
+        out.stderr()
+    );
     let sql = env.pgtide(&["sql", "orders"]).await.ok().stdout();
     for want in [
         "security definer set search_path = pg_catalog, pg_temp",
