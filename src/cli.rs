@@ -40,7 +40,13 @@ pub enum Command {
     /// Daemon: follow notify jobs and run poll jobs on their interval until SIGINT/SIGTERM
     Run,
     /// Run the jobs (default: all) until they are caught up, then exit
-    RunOnce { jobs: Vec<String> },
+    RunOnce {
+        jobs: Vec<String>,
+        /// Also write the jobs' metrics (Prometheus text) to this file, for node_exporter's
+        /// textfile collector
+        #[arg(long)]
+        metrics_file: Option<PathBuf>,
+    },
     /// Per job: mode, watermark, last run, rows waiting
     Status {
         #[arg(long)]
@@ -157,17 +163,24 @@ fn load(flag: Option<&std::path::Path>) -> Result<Arc<Config>, Failure> {
 
 async fn dispatch(command: Command, config: Arc<Config>) -> Result<(), Failure> {
     let store = Store::open(&config.state_path).map_err(|e| Failure::failed(e.to_string()))?;
-    let ctx = Context {
-        config: config.clone(),
-        store,
-    };
+    let ctx = Context::new(config.clone(), store);
     match command {
         Command::Check { jobs } => check(&ctx, &select(&config, &jobs)?).await,
-        Command::RunOnce { jobs } => run_once(&ctx, &select(&config, &jobs)?).await,
-        Command::Run => {
-            crate::daemon::run(ctx).await;
-            Ok(())
+        Command::RunOnce { jobs, metrics_file } => {
+            let jobs = select(&config, &jobs)?;
+            let result = run_once(&ctx, &jobs).await;
+            if let Some(path) = metrics_file {
+                write_metrics(&ctx, &jobs, &path).await?;
+            }
+            result
         }
+        Command::Run => match crate::daemon::run(ctx).await {
+            0 => Ok(()),
+            code => Err(Failure {
+                code,
+                message: "stopped with runs unfinished".into(),
+            }),
+        },
         Command::Status { json, jobs } => status(&ctx, &select(&config, &jobs)?, json).await,
         Command::Replay {
             job,
@@ -314,6 +327,33 @@ pub fn parse_value(v: &str, flag: &str) -> Result<Vec<String>, Failure> {
         .collect()
 }
 
+/// The metrics of `jobs` after a `run-once`, written to a temporary file and renamed into place
+/// so that a collector never reads half a file.
+async fn write_metrics(
+    ctx: &Context,
+    jobs: &[Arc<JobSpec>],
+    path: &std::path::Path,
+) -> Result<(), Failure> {
+    for job in jobs {
+        ctx.metrics.register(&job.name);
+        if let Ok(Some(at)) = ctx.store.last_success(&job.name).await {
+            ctx.metrics.last_success(&job.name, at);
+        }
+        let waiting = match job.mode {
+            Mode::Notify => ctx.events_waiting(job).await.map(|(n, _)| n).ok(),
+            Mode::Poll => match ctx.store.position(&job.name).await {
+                Ok(pos) => ctx.waiting(job, pos.as_ref()).await.ok(),
+                Err(_) => None,
+            },
+        };
+        ctx.metrics.waiting(&job.name, waiting);
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, ctx.metrics.render())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| Failure::failed(format!("--metrics-file {}: {e}", path.display())))
+}
+
 async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
     let mut problems = Vec::new();
     let mut unreachable = Vec::new();
@@ -458,6 +498,13 @@ async fn status(ctx: &Context, jobs: &[Arc<JobSpec>], as_json: bool) -> Result<(
         let err = |e: crate::state::StateError| Failure::failed(e.to_string());
         let pos = ctx.store.position(&job.name).await.map_err(err)?;
         let last = ctx.store.last_run(&job.name).await.map_err(err)?;
+        let since_success = ctx
+            .store
+            .last_success(&job.name)
+            .await
+            .map_err(err)?
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+            .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
         let mut oldest = None;
         let waiting = match job.mode {
             Mode::Poll => match ctx.waiting(job, pos.as_ref()).await {
@@ -485,6 +532,7 @@ async fn status(ctx: &Context, jobs: &[Arc<JobSpec>], as_json: bool) -> Result<(
             "open_windows": pos.as_ref().map_or(0, |p| p.windows.len()),
             "waiting": waiting,
             "oldest_event_secs": oldest,
+            "seconds_since_last_success": since_success,
             "last_run": last,
         }));
     }
@@ -512,10 +560,14 @@ async fn status(ctx: &Context, jobs: &[Arc<JobSpec>], as_json: bool) -> Result<(
         let last = match &v["last_run"] {
             serde_json::Value::Null => "never".to_string(),
             r => format!(
-                "{} {} rows, started {}{}{}",
+                "{} {} rows, started {}{}{}{}",
                 r["outcome"].as_str().unwrap_or(""),
                 r["rows"],
                 r["started_at"].as_str().unwrap_or(""),
+                v["seconds_since_last_success"]
+                    .as_f64()
+                    .map(|s| format!("; last success {s:.0} s ago"))
+                    .unwrap_or_else(|| "; never succeeded".into()),
                 serde_json::from_value(r["columns"].clone())
                     .map(|t| nulls(&t))
                     .unwrap_or_default(),

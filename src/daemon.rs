@@ -1,13 +1,20 @@
-//! `pgtide run`: follow every notify job (LISTEN, drain on each notification, after each
-//! reconnect and on the safety sweep) and run poll jobs on their interval, until SIGINT or
-//! SIGTERM. A stop lets the batch in hand finish (its transactions commit or roll back, never
-//! half) and exits 0; a second signal exits at once.
+//! `pgtide run`: the scheduler. Poll jobs run on their cron or interval schedule
+//! (tokio-cron-scheduler), at most one run of a job at a time and at most
+//! `max_concurrent_jobs` at once; notify jobs are followed (LISTEN, drain on each
+//! notification, after each reconnect and on the safety sweep). Transient failures are
+//! retried with capped exponential backoff; permanent ones fail the run and wait for the next
+//! tick. SIGINT or SIGTERM stops new work, lets the batches in hand finish, and exits 0 within
+//! a deadline; a second signal exits at once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::config::{JobSpec, Mode, Schedule, DEFAULT_SWEEP_SECS};
 use crate::job::{Context, Follower, JobError};
@@ -16,41 +23,205 @@ use crate::source::notify::{Listener, Wake};
 
 /// How often the listening connection is pinged: a dead socket is noticed within this.
 const HEARTBEAT: Duration = Duration::from_secs(10);
-/// How often a job held by another pgtide is tried again.
+/// How often a notify job held by another pgtide is tried again (a standby on another host).
 const LOCK_RETRY: Duration = Duration::from_secs(5);
-/// The first and the longest wait before a failed job is tried again.
-const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How often the waiting rows or events of every job are counted for `/metrics`.
+const SAMPLE_EVERY: Duration = Duration::from_secs(15);
+/// How long a stop waits for the batches in hand before giving up on them.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Run until stopped by a signal.
-pub async fn run(ctx: Context) {
+/// Retries: 1 s doubling to at most 60 s, each wait randomized by half, for as long as the
+/// error stays transient (a database that is down for an hour is waited for).
+fn retry_policy() -> ExponentialBackoff {
+    ExponentialBackoff {
+        initial_interval: Duration::from_secs(1),
+        max_interval: Duration::from_secs(60),
+        randomization_factor: 0.5,
+        multiplier: 2.0,
+        max_elapsed_time: None,
+        ..ExponentialBackoff::default()
+    }
+}
+
+/// Run until stopped by a signal; the exit code.
+pub async fn run(ctx: Context) -> i32 {
     let (stop_tx, stop) = watch::channel(false);
+    let stopping = ctx.stopping.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("stopping: finishing the batches in hand");
+        tracing::info!("stopping: no new work; finishing the batches in hand");
+        stopping.store(true, Ordering::Relaxed);
         let _ = stop_tx.send(true);
         wait_for_signal().await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
-    let mut tasks = JoinSet::new();
-    for job in ctx.config.jobs.clone() {
-        let (ctx, stop) = (ctx.clone(), stop.clone());
-        match (job.mode, &job.schedule) {
-            (Mode::Notify, _) => tasks.spawn(follow(ctx, job, stop)),
-            (Mode::Poll, Some(Schedule::Interval(secs))) => {
-                let every = Duration::from_secs(*secs);
-                tasks.spawn(poll(ctx, job, every, stop))
+
+    if let Some(addr) = &ctx.config.daemon.metrics_listen {
+        let addr = addr.parse().expect("validated at load");
+        let metrics = ctx.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, metrics).await {
+                tracing::error!(%addr, error = %e, "cannot serve /metrics");
             }
-            (Mode::Poll, _) => {
-                tracing::warn!(job = %job.name, "cron schedules are not run by this version's daemon; use interval_secs, or run-once from a timer");
-                continue;
+        });
+    }
+    for job in &ctx.config.jobs {
+        ctx.metrics.register(&job.name);
+        if let Ok(Some(at)) = ctx.store.last_success(&job.name).await {
+            ctx.metrics.last_success(&job.name, at);
+        }
+    }
+    tokio::spawn(sample_waiting(ctx.clone()));
+
+    let mut tasks = JoinSet::new();
+    let scheduler = match schedule_poll_jobs(&ctx, &mut tasks).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the scheduler");
+            return 1;
+        }
+    };
+    for job in ctx.config.jobs.iter().filter(|j| j.mode == Mode::Notify) {
+        tasks.spawn(follow(ctx.clone(), job.clone(), stop.clone()));
+    }
+    tracing::info!(jobs = ctx.config.jobs.len(), "running");
+
+    let mut stopped = stop.clone();
+    let _ = stopped.wait_for(|s| *s).await;
+    if let Some(mut s) = scheduler {
+        let _ = s.shutdown().await;
+    }
+    let max = ctx.config.daemon.max_concurrent_jobs as u32;
+    let finished = tokio::time::timeout(STOP_DEADLINE, async {
+        while tasks.join_next().await.is_some() {}
+        // Runs started by the scheduler hold a permit each: all permits back means all done.
+        if let Some(permits) = RUNS.get() {
+            let _ = permits.acquire_many(max).await;
+        }
+    })
+    .await
+    .is_ok();
+    if finished {
+        tracing::info!("stopped");
+        0
+    } else {
+        tracing::error!(
+            deadline_secs = STOP_DEADLINE.as_secs(),
+            "runs did not finish within the deadline; exiting anyway (their open transactions roll back)"
+        );
+        1
+    }
+}
+
+/// The permits for runs of poll jobs (`max_concurrent_jobs`).
+static RUNS: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
+
+async fn schedule_poll_jobs(
+    ctx: &Context,
+    tasks: &mut JoinSet<()>,
+) -> Result<Option<JobScheduler>, String> {
+    let polls: Vec<Arc<JobSpec>> = ctx
+        .config
+        .jobs
+        .iter()
+        .filter(|j| j.mode == Mode::Poll)
+        .cloned()
+        .collect();
+    if polls.is_empty() {
+        return Ok(None);
+    }
+    let permits = RUNS
+        .get_or_init(|| Arc::new(Semaphore::new(ctx.config.daemon.max_concurrent_jobs)))
+        .clone();
+    let scheduler = JobScheduler::new().await.map_err(|e| e.to_string())?;
+    for job in polls {
+        let running = Arc::new(AtomicBool::new(false));
+        let on_tick = {
+            let (ctx, job, permits, running) =
+                (ctx.clone(), job.clone(), permits.clone(), running.clone());
+            move |_id, _lock| {
+                let (ctx, job, permits, running) =
+                    (ctx.clone(), job.clone(), permits.clone(), running.clone());
+                Box::pin(async move { tick(ctx, job, permits, running).await })
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
             }
         };
+        let scheduled = match job.schedule.as_ref() {
+            Some(Schedule::Cron(expr)) => Job::new_async(expr.as_str(), on_tick),
+            Some(Schedule::Interval(secs)) => {
+                // An interval job also runs at once, rather than an interval after the start.
+                let (ctx, job, permits, running) =
+                    (ctx.clone(), job.clone(), permits.clone(), running.clone());
+                tasks.spawn(async move { tick(ctx, job, permits, running).await });
+                Job::new_repeated_async(Duration::from_secs(*secs), on_tick)
+            }
+            None => continue,
+        }
+        .map_err(|e| format!("job {}: schedule: {e}", job.name))?;
+        scheduler.add(scheduled).await.map_err(|e| e.to_string())?;
     }
-    tracing::info!(jobs = tasks.len(), "running");
-    while tasks.join_next().await.is_some() {}
-    tracing::info!("stopped");
+    scheduler.start().await.map_err(|e| e.to_string())?;
+    Ok(Some(scheduler))
+}
+
+/// One tick of a poll job: skipped while the previous run goes on; otherwise run until caught
+/// up, retrying transient failures.
+async fn tick(ctx: Context, job: Arc<JobSpec>, permits: Arc<Semaphore>, running: Arc<AtomicBool>) {
+    if ctx.stopping.load(Ordering::Relaxed) {
+        return;
+    }
+    if running.swap(true, Ordering::AcqRel) {
+        tracing::info!(job = %job.name, "tick skipped: the previous run is still going");
+        return;
+    }
+    let Ok(_permit) = permits.acquire().await else {
+        running.store(false, Ordering::Release);
+        return;
+    };
+    let mut policy = retry_policy();
+    let mut attempt = 0u64;
+    loop {
+        match ctx.run_once(&job).await {
+            Ok(s) => {
+                if s.rows > 0 {
+                    tracing::info!(job = %job.name, rows = s.rows, changed = s.changed, "run done");
+                }
+                break;
+            }
+            Err(JobError::Locked) => {
+                tracing::info!(job = %job.name, "held by another pgtide; tick skipped");
+                break;
+            }
+            Err(e) if e.retry() == Retry::Transient && !ctx.stopping.load(Ordering::Relaxed) => {
+                attempt += 1;
+                ctx.metrics.retry_attempt(&job.name, attempt);
+                let wait = policy.next_backoff().unwrap_or(Duration::from_secs(60));
+                tracing::warn!(job = %job.name, error = %e, attempt, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
+                if sleep_or_stop(&ctx, wait).await {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::error!(job = %job.name, error = %e, "run failed; waiting for the next tick");
+                break;
+            }
+        }
+    }
+    ctx.metrics.retry_attempt(&job.name, 0);
+    running.store(false, Ordering::Release);
+}
+
+/// Sleep, or return `true` at once when the daemon is stopping.
+async fn sleep_or_stop(ctx: &Context, d: Duration) -> bool {
+    let end = tokio::time::Instant::now() + d;
+    while tokio::time::Instant::now() < end {
+        if ctx.stopping.load(Ordering::Relaxed) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200).min(end - tokio::time::Instant::now())).await;
+    }
+    ctx.stopping.load(Ordering::Relaxed)
 }
 
 async fn wait_for_signal() {
@@ -62,97 +233,65 @@ async fn wait_for_signal() {
     }
 }
 
-/// Sleep, or return `true` at once when the daemon is stopping.
-async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    if *stop.borrow() {
-        return true;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(d) => *stop.borrow(),
-        _ = stop.changed() => true,
-    }
-}
-
-/// Exponential waits, capped, with jitter so that jobs failing together do not retry together.
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        self.attempt += 1;
-        let base = BACKOFF_FIRST
-            .saturating_mul(1 << self.attempt.min(6))
-            .min(BACKOFF_MAX);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
-    }
-}
-
-async fn poll(ctx: Context, job: Arc<JobSpec>, every: Duration, mut stop: watch::Receiver<bool>) {
+/// Count every job's waiting rows or events for `/metrics`, now and then.
+async fn sample_waiting(ctx: Context) {
     loop {
-        match ctx.run_once(&job).await {
-            Ok(s) if s.rows > 0 => {
-                tracing::info!(job = %job.name, rows = s.rows, changed = s.changed, "run done")
-            }
-            Ok(_) => {}
-            Err(JobError::Locked) => {
-                tracing::info!(job = %job.name, "held by another pgtide; skipped")
-            }
-            Err(e) => tracing::error!(job = %job.name, error = %e, "run failed"),
+        for job in &ctx.config.jobs {
+            let n = match job.mode {
+                Mode::Notify => ctx.events_waiting(job).await.map(|(n, _)| n),
+                Mode::Poll => match ctx.store.position(&job.name).await {
+                    Ok(pos) => ctx.waiting(job, pos.as_ref()).await,
+                    Err(e) => Err(e.into()),
+                },
+            };
+            ctx.metrics.waiting(&job.name, n.ok());
         }
-        if sleep_or_stop(every, &mut stop).await {
-            return;
-        }
+        tokio::time::sleep(SAMPLE_EVERY).await;
     }
 }
 
-/// Follow a notify job until the daemon stops, starting over (with backoff) after failures.
+/// Follow a notify job until the daemon stops, starting over after failures: with backoff
+/// when they are transient, after its sweep interval when they are not.
 async fn follow(ctx: Context, job: Arc<JobSpec>, mut stop: watch::Receiver<bool>) {
     let sweep = match job.schedule {
         Some(Schedule::Interval(secs)) => Duration::from_secs(secs),
         _ => Duration::from_secs(DEFAULT_SWEEP_SECS),
     };
-    let mut backoff = Backoff { attempt: 0 };
+    let mut policy = retry_policy();
+    let mut attempt = 0u64;
     while !*stop.borrow() {
-        let mut follower = match ctx.follower(&job).await {
-            Ok(f) => f,
+        let result = match ctx.follower(&job).await {
+            Ok(mut follower) => {
+                policy.reset();
+                attempt = 0;
+                ctx.metrics.retry_attempt(&job.name, 0);
+                let result = listen_and_drain(&ctx, &mut follower, sweep, &mut stop).await;
+                ctx.metrics.run(&job.name, result.is_ok());
+                follower.finish(result.as_ref().err()).await;
+                result
+            }
+            Err(e) => Err(e),
+        };
+        let wait = match result {
+            Ok(()) => return,
             Err(JobError::Locked) => {
                 tracing::info!(job = %job.name, "held by another pgtide; waiting for it");
-                if sleep_or_stop(LOCK_RETRY, &mut stop).await {
-                    return;
-                }
-                continue;
+                LOCK_RETRY
+            }
+            Err(e) if e.retry() == Retry::Transient => {
+                attempt += 1;
+                ctx.metrics.retry_attempt(&job.name, attempt);
+                let wait = policy.next_backoff().unwrap_or(Duration::from_secs(60));
+                tracing::warn!(job = %job.name, error = %e, attempt, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
+                wait
             }
             Err(e) => {
-                let wait = backoff.next();
-                tracing::error!(job = %job.name, error = %e, attempt = backoff.attempt, retry_in_ms = wait.as_millis() as u64, "cannot follow the job");
-                if sleep_or_stop(wait, &mut stop).await {
-                    return;
-                }
-                continue;
+                tracing::error!(job = %job.name, error = %e, retry_in_secs = sweep.as_secs(), "following the job failed");
+                sweep
             }
         };
-        backoff.attempt = 0;
-        let result = listen_and_drain(&ctx, &mut follower, sweep, &mut stop).await;
-        follower.finish(result.as_ref().err()).await;
-        match result {
-            Ok(()) => return,
-            Err(e) => {
-                let wait = backoff.next();
-                let kind = if e.retry() == Retry::Transient {
-                    "transient"
-                } else {
-                    "permanent"
-                };
-                tracing::error!(job = %job.name, error = %e, kind, attempt = backoff.attempt, retry_in_ms = wait.as_millis() as u64, "following the job failed");
-                if sleep_or_stop(wait, &mut stop).await {
-                    return;
-                }
-            }
+        if sleep_or_stop(&ctx, wait).await {
+            return;
         }
     }
 }

@@ -55,10 +55,7 @@ pub async fn run() -> Result<(), String> {
     std::fs::write(dir.join("pgtide.toml"), toml).map_err(|e| e.to_string())?;
     let config = Arc::new(config::load(&dir.join("pgtide.toml")).map_err(|e| e.to_string())?);
     let store = Store::open(&config.state_path).map_err(|e| e.to_string())?;
-    let ctx = Context {
-        config: config.clone(),
-        store,
-    };
+    let ctx = Context::new(config.clone(), store);
 
     for job in &config.jobs {
         let s = ctx

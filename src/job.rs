@@ -141,12 +141,23 @@ impl Follower {
     /// Apply every waiting event; returns how many were taken.
     pub async fn drain_all(&mut self) -> Result<u64, JobError> {
         let mut events = 0;
-        while let Some((n, applied)) = self.ctx.drain(&mut self.session).await? {
+        let name = self.session.view.job.name.clone();
+        loop {
+            if self.ctx.stopping() {
+                break;
+            }
+            let t = Instant::now();
+            let Some((n, applied)) = self.ctx.drain(&mut self.session).await? else {
+                break;
+            };
+            self.ctx.metrics.rows(&name, applied.rows);
+            self.ctx.metrics.batch(&name, t.elapsed().as_secs_f64());
             events += n as u64;
             self.summary.events += n as u64;
             self.summary.add(applied);
             self.summary.batches += 1;
         }
+        self.ctx.metrics.fresh(&name);
         // The run's row count is kept up to date at most once a second: no disk sync per drain.
         if events > 0 && self.last_progress.elapsed() >= std::time::Duration::from_secs(1) {
             self.ctx
@@ -185,6 +196,9 @@ impl Follower {
 pub struct Context {
     pub config: Arc<Config>,
     pub store: Store,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set when the daemon is stopping: runs end at the next batch boundary.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Connections of one run, the DWH one holding the job's lock.
@@ -229,6 +243,19 @@ impl Session {
 }
 
 impl Context {
+    pub fn new(config: Arc<Config>, store: Store) -> Context {
+        Context {
+            config,
+            store,
+            metrics: Arc::default(),
+            stopping: Arc::default(),
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn application(job: &JobSpec) -> String {
         format!("pgtide:{}", job.name)
     }
@@ -306,10 +333,25 @@ impl Context {
         Ok(pos)
     }
 
+    /// `open`, recording a failure to open as a failed run (a job held elsewhere is not one).
+    async fn open_recorded(&self, job: &Arc<JobSpec>) -> Result<Session, JobError> {
+        match self.open(job).await {
+            Ok(s) => Ok(s),
+            Err(JobError::Locked) => Err(JobError::Locked),
+            Err(e) => {
+                self.store
+                    .failed_run(&job.name, format!("job {}: {e}", job.name))
+                    .await?;
+                self.metrics.run(&job.name, false);
+                Err(e)
+            }
+        }
+    }
+
     /// Start following a notify job: take its lock, load what existed before its triggers,
     /// and apply the events waiting. The run stays `running` until `Follower::finish`.
     pub async fn follower(&self, job: &Arc<JobSpec>) -> Result<Follower, JobError> {
-        let mut session = self.open(job).await?;
+        let mut session = self.open_recorded(job).await?;
         let run = self.store.start_run(&job.name).await?;
         let mut summary = RunSummary::default();
         let caught_up = async {
@@ -335,7 +377,7 @@ impl Context {
 
     /// Run the job until it is caught up, recording the run in the state store.
     pub async fn run_once(&self, job: &Arc<JobSpec>) -> Result<RunSummary, JobError> {
-        let mut session = self.open(job).await?;
+        let mut session = self.open_recorded(job).await?;
         let run = self.store.start_run(&job.name).await?;
         let mut summary = RunSummary::default();
         let result = self.catch_up(&mut session, run, &mut summary).await;
@@ -347,6 +389,7 @@ impl Context {
         self.store
             .finish_run(run, summary.rows as i64, error, &summary.tallies)
             .await?;
+        self.metrics.run(&job.name, result.is_ok());
         session.close().await;
         result.map(|()| summary)
     }
@@ -374,10 +417,16 @@ impl Context {
             tracing::debug!(job = %job.name, rows, changed, settled = dropped, open = pos.windows.len(), "rechecked windows");
         }
         loop {
+            if self.stopping() {
+                tracing::info!(job = %job.name, "stopping at a batch boundary");
+                break;
+            }
             let t = Instant::now();
             let Some(applied) = self.batch(s, &mut pos, summary.batches > 0).await? else {
                 break;
             };
+            self.metrics.rows(&job.name, applied.rows);
+            self.metrics.batch(&job.name, t.elapsed().as_secs_f64());
             let (rows, changed) = (applied.rows, applied.changed);
             summary.add(applied);
             summary.batches += 1;
@@ -455,7 +504,16 @@ impl Context {
     ) -> Result<(), JobError> {
         let job = s.view.job.clone();
         if !pos.initial_done {
-            while let Some(applied) = self.batch(s, pos, summary.batches > 0).await? {
+            loop {
+                if self.stopping() {
+                    return Ok(());
+                }
+                let t = Instant::now();
+                let Some(applied) = self.batch(s, pos, summary.batches > 0).await? else {
+                    break;
+                };
+                self.metrics.rows(&job.name, applied.rows);
+                self.metrics.batch(&job.name, t.elapsed().as_secs_f64());
                 summary.add(applied);
                 summary.batches += 1;
                 self.store
@@ -473,9 +531,15 @@ impl Context {
             tracing::info!(job = %job.name, rows = summary.rows, "loaded the existing rows; following events from here");
         }
         loop {
+            if self.stopping() {
+                break;
+            }
+            let t = Instant::now();
             let Some((events, applied)) = self.drain(s).await? else {
                 break;
             };
+            self.metrics.rows(&job.name, applied.rows);
+            self.metrics.batch(&job.name, t.elapsed().as_secs_f64());
             summary.events += events as u64;
             summary.add(applied);
             summary.batches += 1;

@@ -14,6 +14,7 @@
 //! - `cluster`: a throwaway local PostgreSQL (for `demo` and the tests).
 //! - `demo`: the `pgtide demo` command.
 //! - `import`: InsightForge view documents turned into job files.
+//! - `metrics`: per-job figures in Prometheus text (`/metrics`, `--metrics-file`).
 //! - `cli`: the command line; `telemetry`: logging.
 
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod daemon;
 pub mod demo;
 pub mod import;
 pub mod job;
+pub mod metrics;
 pub mod pg;
 pub mod position;
 pub mod sink;

@@ -10,12 +10,18 @@ fn main() {
         cli.log_format,
         if quiet { "pgtide=warn" } else { "pgtide=info" },
     );
-    // One thread: pgtide waits on databases, and its per-row hand-offs between the connection
-    // tasks and the job are cheapest without cross-thread wake-ups (measured by bench.sh).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // One thread for single runs: pgtide waits on databases, and its per-row hand-offs between
+    // connection tasks and the job are cheapest without cross-thread wake-ups (measured by
+    // bench.sh). The daemon runs many jobs at once and gets every core.
+    let runtime = match cli.command {
+        pgtide::cli::Command::Run => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+    .expect("tokio runtime");
     let code = runtime.block_on(pgtide::cli::run(cli));
     std::process::exit(code);
 }

@@ -149,3 +149,32 @@ async fn a_dry_run_changes_nothing_and_uninstalled_notify_jobs_are_refused() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_once_writes_a_metrics_file_for_the_textfile_collector() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute("create table t (id bigint primary key); insert into t select g from generate_series(1, 12) g")
+        .await
+        .unwrap();
+    env.job("t", "interval_secs = 5\nbatch_size = 5\nkey = [\"id\"]\n[from]\ntable = \"t\"\n[[column]]\nname = \"id\"\nfrom = \"t.id\"\n");
+    let file = env.dir.path().join("pgtide.prom");
+    env.pgtide(&["run-once", "--metrics-file", file.to_str().unwrap()])
+        .await
+        .ok();
+    let text = std::fs::read_to_string(&file).unwrap();
+    for want in [
+        "pgtide_rows_written_total{job=\"t\"} 12\n",
+        "pgtide_runs_total{job=\"t\",outcome=\"ok\"} 1\n",
+        "pgtide_batch_duration_seconds_count{job=\"t\"} 3\n",
+        "pgtide_waiting{job=\"t\"} 0\n",
+        "pgtide_retry_attempt{job=\"t\"} 0\n",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    assert!(
+        text.contains("pgtide_seconds_since_last_success{job=\"t\"} "),
+        "{text}"
+    );
+    assert!(!env.dir.path().join("pgtide.tmp").exists());
+}

@@ -826,24 +826,21 @@ fn check_url(url: &str, field: &str, problems: &mut Problems) {
     }
 }
 
-/// Six fields, seconds first, as tokio-cron-scheduler reads them (an optional seventh is the year).
+/// Six fields, seconds first (an optional seventh is the year), parsed exactly as the daemon's
+/// scheduler (tokio-cron-scheduler) will parse it.
 pub fn validate_cron(expr: &str) -> Result<(), String> {
-    let fields: Vec<&str> = expr.split_whitespace().collect();
-    if !(6..=7).contains(&fields.len()) {
+    let fields = expr.split_whitespace().count();
+    if !(6..=7).contains(&fields) {
         return Err(format!(
-            "{expr:?} has {} fields; pgtide wants six, seconds first: \"sec min hour day-of-month month day-of-week\"",
-            fields.len()
+            "{expr:?} has {fields} fields; pgtide wants six, seconds first: \"sec min hour day-of-month month day-of-week\""
         ));
     }
-    for f in fields {
-        if !f
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "*/,-?#".contains(c))
-        {
-            return Err(format!("{expr:?}: field {f:?} is not a cron field"));
-        }
-    }
-    Ok(())
+    croner::Cron::new(expr)
+        .with_seconds_required()
+        .with_dom_and_dow()
+        .parse()
+        .map(|_| ())
+        .map_err(|e| format!("{expr:?} is not a cron schedule: {e}"))
 }
 
 /// Replace `${NAME}` in every string value by the environment variable `NAME`.
@@ -1070,6 +1067,18 @@ mod tests {
                 .any(|e| e.contains("column[1].type") && e.contains("is not a type name")),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn cron_strings_are_parsed_like_the_scheduler_does() {
+        assert!(validate_cron("*/5 * * * * *").is_ok());
+        assert!(validate_cron("0 0 3 * * Mon-Fri").is_ok());
+        assert!(validate_cron("0 61 * * * *")
+            .unwrap_err()
+            .contains("is not a cron schedule"));
+        assert!(validate_cron("* * * * *")
+            .unwrap_err()
+            .contains("has 5 fields"));
     }
 
     #[test]

@@ -285,6 +285,23 @@ impl Store {
         .await
     }
 
+    /// Record a run that failed before it could start (the source or DWH down, a table gone),
+    /// so that `status` shows why.
+    pub async fn failed_run(&self, job: &str, error: String) -> Result<(), StateError> {
+        let (err, job) = (self.sqlite(), job.to_string());
+        self.call(move |c| {
+            c.execute(
+                &format!(
+                    "insert into runs (job, started_at, finished_at, outcome, error) values (?1, {NOW}, {NOW}, 'failed', ?2)"
+                ),
+                params![job, error],
+            )
+            .map_err(&err)
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// Update the row count of a run in progress.
     pub async fn progress_run(&self, id: i64, rows: i64) -> Result<(), StateError> {
         let err = self.sqlite();
@@ -326,6 +343,31 @@ impl Store {
             )
             .map_err(&err)
             .map(|_| ())
+        })
+        .await
+    }
+
+    /// When the job last finished a run without error.
+    pub async fn last_success(
+        &self,
+        job: &str,
+    ) -> Result<Option<std::time::SystemTime>, StateError> {
+        let (err, job) = (self.sqlite(), job.to_string());
+        self.call(move |c| {
+            let secs: Option<f64> = c
+                .query_row(
+                    "select (julianday(finished_at) - 2440587.5) * 86400.0 from runs
+                     where job = ?1 and outcome = 'ok' order by id desc limit 1",
+                    [&job],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(&err)?;
+            Ok(
+                secs.map(|s| {
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(s.max(0.0))
+                }),
+            )
         })
         .await
     }
