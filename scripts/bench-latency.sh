@@ -12,26 +12,18 @@ ensure_cargo
 ensure_postgres
 RATES=${RATES:-"100 1000"}
 SECS=${SECS:-20}
-BIN=$(pg_bindir)
 cargo build --release --quiet
 PGTIDE=$PWD/target/release/pgtide
 
-work=$(mktemp -d /tmp/pgtide-latency-XXXXXX)
-as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-[ "$(id -u)" -eq 0 ] && chown postgres: "$work"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+start_bench_cluster "-c shared_buffers=256MB -c max_connections=100"
+work=$WORK
+port=$PORT
 daemon=""
 cleanup() {
   [ -n "$daemon" ] && kill "$daemon" 2>/dev/null || true
-  as_pg "$BIN/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$work"
+  stop_bench_cluster
 }
 trap cleanup EXIT
-as_pg "$BIN/initdb" -D "$work/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
-as_pg "$BIN/pg_ctl" -D "$work/data" -l "$work/server.log" -w -o \
-  "-p $port -k $work -c listen_addresses=127.0.0.1 -c shared_buffers=256MB -c max_connections=100" start >/dev/null
-psql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
-pgbench() { "$BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres "$@"; }
 
 psql -d postgres -c "create database src" -c "create database dwh"
 psql -d src -c "create table events (id bigserial primary key, rate int not null, payload text, created_at timestamptz not null default clock_timestamp())" \

@@ -14,20 +14,13 @@ ensure_postgres
 ensure_time
 ROWS=${ROWS:-1000000}
 BATCH=${BATCH:-10000}
-BIN=$(pg_bindir)
 cargo build --release --quiet
 PGTIDE=$PWD/target/release/pgtide
 
-work=$(mktemp -d /tmp/pgtide-bench-XXXXXX)
-as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-[ "$(id -u)" -eq 0 ] && chown postgres: "$work"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cleanup() { as_pg "$BIN/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$work"; }
-trap cleanup EXIT
-as_pg "$BIN/initdb" -D "$work/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
-as_pg "$BIN/pg_ctl" -D "$work/data" -l "$work/server.log" -w -o \
-  "-p $port -k $work -c listen_addresses=127.0.0.1 -c shared_buffers=512MB -c max_wal_size=8GB -c synchronous_commit=off" start >/dev/null
-psql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
+start_bench_cluster "-c shared_buffers=512MB -c max_wal_size=8GB -c synchronous_commit=off"
+trap stop_bench_cluster EXIT
+work=$WORK
+port=$PORT
 now() { date +%s.%N; }
 
 psql -d postgres -c "create database src" -c "create database dwh"

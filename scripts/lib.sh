@@ -49,3 +49,26 @@ stop_stale_test_clusters() {
     rm -rf "$(dirname "$d")"
   done
 }
+
+# Run as the postgres user when root (PostgreSQL refuses to run as root).
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+# A throwaway cluster for a benchmark, on a free port, with the given extra server options.
+# Sets BIN, WORK, PORT; psql and pgbench then talk to it. stop_bench_cluster removes it.
+start_bench_cluster() {
+  BIN=$(pg_bindir)
+  WORK=$(mktemp -d /tmp/pgtide-bench-XXXXXX)
+  if [ "$(id -u)" -eq 0 ]; then chown postgres: "$WORK"; fi
+  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  as_pg "$BIN/initdb" -D "$WORK/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+  as_pg "$BIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w -o \
+    "-p $PORT -k $WORK -c listen_addresses=127.0.0.1 $1" start >/dev/null
+}
+
+stop_bench_cluster() {
+  as_pg "$BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+
+psql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres "$@"; }
+pgbench() { "$BIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres "$@"; }

@@ -523,16 +523,7 @@ async fn sigkill_in_the_middle_of_a_load_then_a_converging_run() {
     let out = env.pgtide(&["run-once"]).await.ok();
     assert_converged(&env).await;
     // The second run continued from the committed position instead of starting over.
-    let read: u64 = out
-        .stdout()
-        .split(" rows read")
-        .next()
-        .unwrap()
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let read = out.rows_read() as u64;
     assert!(
         read <= 200_000 - landed as u64 + 2000,
         "second run read {read} rows, {landed} had landed"

@@ -152,6 +152,17 @@ impl Out {
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.0.stderr).into_owned()
     }
+    /// The `N` of `job x: N rows read, ...` in the output of `run-once`.
+    pub fn rows_read(&self) -> u64 {
+        let out = self.stdout();
+        let before = out.split(" rows read").next().unwrap_or_default();
+        before
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no rows read in: {out}"))
+    }
+
     /// Assert success, showing everything pgtide said otherwise.
     pub fn ok(self) -> Out {
         assert_eq!(
