@@ -44,9 +44,6 @@ pub enum JobError {
     /// A value a transform cannot convert, with the row it is in.
     #[error("{0}")]
     Data(String),
-    /// Something this version of pgtide cannot do yet.
-    #[error("{0}")]
-    Unsupported(String),
     /// A value given on the command line that the job cannot use.
     #[error("{0}")]
     Input(String),
@@ -274,14 +271,8 @@ impl Context {
         Ok(pg::connect(&self.config.dwh.url, &Self::application(job), "dwh").await?)
     }
 
-    /// Every mode this version runs.
-    fn supported(&self, _job: &JobSpec) -> Result<(), JobError> {
-        Ok(())
-    }
-
     /// Connect both sides, take the job's lock, resolve the view and prepare the target.
     async fn open(&self, job: &Arc<JobSpec>) -> Result<Session, JobError> {
-        self.supported(job)?;
         let mut dwh = self.connect_dwh(job).await?;
         if !sink::try_lock(&dwh, &job.name).await? {
             return Err(JobError::Locked);
@@ -688,7 +679,6 @@ impl Context {
         let mut summary = RunSummary::default();
         if dry_run {
             // Only the source is asked: a dry run changes nothing anywhere.
-            self.supported(job)?;
             let source = self.connect_source(job).await?;
             let view = view::resolve(&source, job).await?;
             let from = normalize(&source, &view, from, "--from").await?;

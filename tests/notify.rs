@@ -315,18 +315,7 @@ async fn a_crash_between_the_dwh_commit_and_the_source_commit_replays_the_events
         .unwrap()
         .get(0);
     assert_eq!(events, 2);
-    let src = &env.src;
-    support::wait_for(30, "the crashed run's sessions to end", || async {
-        src.query_one(
-            "select count(*) from pg_stat_activity where application_name = 'pgtide:orders'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-            == 0
-    })
-    .await;
+    env.wait_until_gone("orders").await;
     env.pgtide(&["run-once"]).await.ok();
     converged(&env, LEFT_VIEW).await;
 }

@@ -500,20 +500,7 @@ async fn sigkill_in_the_middle_of_a_load_then_a_converging_run() {
     child.start_kill().unwrap();
     let status = child.wait().await.unwrap();
     assert!(!status.success(), "pgtide must have been killed mid-load");
-    // The server notices the dead client when its current statement ends; until then the
-    // killed run's session (and its job lock) lives on.
-    let src = &env.src;
-    wait_for(60, "the killed run's sessions to end", || async {
-        src.query_one(
-            "select count(*) from pg_stat_activity where application_name = 'pgtide:orders'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-            == 0
-    })
-    .await;
+    env.wait_until_gone("orders").await;
     let landed = Env::count(dwh, "dw.orders").await;
     assert!(
         landed < 200_000,

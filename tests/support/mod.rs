@@ -130,6 +130,32 @@ impl Env {
         v
     }
 
+    /// Wait until no session of job `job` is left in the source: a killed pgtide's sessions
+    /// (and its job lock) live on until the server notices, at the latest when their current
+    /// statement ends.
+    pub async fn wait_until_gone(&self, job: &str) {
+        let app = format!("pgtide:{job}");
+        let src = &self.src;
+        wait_for(
+            60,
+            &format!("the sessions of a killed pgtide ({app}) to end"),
+            || {
+                let app = app.clone();
+                async move {
+                    src.query_one(
+                        "select count(*) from pg_stat_activity where application_name = $1",
+                        &[&app],
+                    )
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0)
+                        == 0
+                }
+            },
+        )
+        .await;
+    }
+
     pub async fn count(client: &Client, table: &str) -> i64 {
         client
             .query_one(&format!("select count(*) from {table}"), &[])
