@@ -1,5 +1,6 @@
-//! One state file shared by many pgtide processes started at the same instant, through the
-//! real binary: waiting for another process's lock is never an error.
+//! Where positions live, under concurrency: one state file shared by many pgtide processes
+//! started at the same instant (through the real binary; waiting for another process's lock
+//! is never an error), and the DWH's copy of a position, which never moves backwards.
 
 mod support;
 
@@ -163,4 +164,72 @@ async fn status_commands_next_to_a_run_on_a_new_state_file_never_fail() {
         assert_eq!(outs[2].rows_read(), ROWS as u64);
         assert_every_row_loaded(&env).await;
     }
+}
+
+/// The control row refuses a position whose seq is not greater than the stored one, in SQL,
+/// and the caller's transaction (rows included) rolls back.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dwh_copy_of_a_position_never_moves_backwards() {
+    use pgtide::position::Position;
+    use pgtide::sink::{self, SinkError};
+    let env = Env::new().await;
+    let mut dwh = support::connect(&env.dwh_url).await;
+    sink::ensure_control(&mut dwh).await.unwrap();
+    dwh.batch_execute("create table rows_of_batch (id int)")
+        .await
+        .unwrap();
+    let at = |seq: i64, wm: &str| Position {
+        watermark: Some(vec![wm.to_string()]),
+        seq,
+        ..Position::default()
+    };
+    let stored = at(5, "50");
+    let tx = dwh.transaction().await.unwrap();
+    sink::write_position(&tx, "j", &stored).await.unwrap();
+    tx.commit().await.unwrap();
+    let row = "select job, position::text, seq, updated_at::text from pgtide.positions";
+    let before = Env::rows(&dwh, row).await;
+
+    for older in [at(3, "30"), at(5, "55")] {
+        let tx = dwh.transaction().await.unwrap();
+        tx.execute("insert into rows_of_batch values (1)", &[])
+            .await
+            .unwrap();
+        let e = sink::write_position(&tx, "j", &older).await.unwrap_err();
+        assert!(
+            matches!(e, SinkError::Backwards { seq, stored: 5, .. } if seq == older.seq),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "position of job j would move backwards (seq {}, stored 5): another pgtide wrote it",
+                older.seq
+            )
+        );
+        drop(tx);
+        assert_eq!(
+            Env::rows(&dwh, row).await,
+            before,
+            "the control row is unchanged"
+        );
+        assert_eq!(
+            sink::read_position(&dwh, "j").await.unwrap(),
+            Some(stored.clone())
+        );
+        assert_eq!(
+            Env::count(&dwh, "rows_of_batch").await,
+            0,
+            "rows rolled back"
+        );
+    }
+
+    // A newer position is taken.
+    let tx = dwh.transaction().await.unwrap();
+    sink::write_position(&tx, "j", &at(6, "60")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        sink::read_position(&dwh, "j").await.unwrap(),
+        Some(at(6, "60"))
+    );
 }
