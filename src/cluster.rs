@@ -90,28 +90,57 @@ impl Cluster {
                 "--no-sync",
             ],
         )?;
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=300 -c shared_buffers=256MB",
-            cluster.dir.path().display()
-        );
-        let log = cluster.dir.path().join("server.log");
-        cluster.pg(
-            "pg_ctl",
+        cluster.resume()?;
+        Ok(cluster)
+    }
+
+    /// A hot standby of this cluster (`pg_basebackup -R`, streaming), started on its own port.
+    pub fn standby(&self) -> Result<Cluster, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("pgtide-standby-")
+            .tempdir()
+            .map_err(|e| format!("temporary directory: {e}"))?;
+        if self.as_postgres {
+            run(Command::new("chown").arg("postgres:").arg(dir.path()))?;
+        }
+        let standby = Cluster {
+            dir,
+            bin: self.bin.clone(),
+            port: free_port()?,
+            as_postgres: self.as_postgres,
+        };
+        standby.pg(
+            "pg_basebackup",
             &[
                 "-D",
-                &cluster.data(),
-                "-l",
-                &log.to_string_lossy(),
-                "-o",
-                &opts,
-                "-w",
-                "-t",
-                "60",
-                "start",
+                &standby.data(),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
             ],
         )?;
-        Ok(cluster)
+        standby.resume()?;
+        Ok(standby)
+    }
+
+    /// Server options: fast and unsafe (throwaway data), two-phase commit allowed.
+    fn options(&self) -> String {
+        format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=300 -c shared_buffers=256MB \
+             -c max_prepared_transactions=64 -c hot_standby=on",
+            self.port,
+            self.dir.path().display()
+        )
     }
 
     fn data(&self) -> String {
@@ -155,11 +184,6 @@ impl Cluster {
 
     /// Start a paused server again on the same port.
     pub fn resume(&self) -> Result<(), String> {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=300",
-            self.port,
-            self.dir.path().display()
-        );
         let log = self.dir.path().join("server.log");
         self.pg(
             "pg_ctl",
@@ -169,8 +193,10 @@ impl Cluster {
                 "-l",
                 &log.to_string_lossy(),
                 "-o",
-                &opts,
+                &self.options(),
                 "-w",
+                "-t",
+                "60",
                 "start",
             ],
         )

@@ -430,6 +430,7 @@ impl Context {
             job = %job.name,
             rows = summary.rows,
             changed = summary.changed,
+            rechecked = summary.rechecked,
             batches = summary.batches,
             ms = started.elapsed().as_millis() as u64,
             "caught up"
@@ -453,6 +454,9 @@ impl Context {
             .await
             .map_err(JobError::Source)?;
         let Some(hi) = hi else { return Ok(None) };
+        let unseen = source::unseen(&tx, &snap, snap.xmin)
+            .await
+            .map_err(JobError::Source)?;
         let ranges = [RangeRef {
             prefix: "b".into(),
             has_lo: lo.is_some(),
@@ -462,7 +466,7 @@ impl Context {
         }];
         let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
         let mut next = pos.clone();
-        next.advance(hi, &snap, merge);
+        next.advance(hi, &snap, &unseen, merge);
         let result = apply(
             &tx,
             &mut s.dwh,
@@ -632,18 +636,21 @@ impl Context {
                 Some(&w.hi),
             ));
             settings.push(view::Setting {
-                name: format!("{prefix}xip"),
-                value: w.xip_literal(),
+                name: format!("{prefix}floor"),
+                value: w.floor_xid(),
             });
             settings.push(view::Setting {
-                name: format!("{prefix}xmax"),
-                value: w.xmax_xid(),
+                name: format!("{prefix}xids"),
+                value: w.xids_literal(),
             });
         }
+        let unseen = source::unseen(&tx, &snap, pos.lowest_floor().unwrap_or(snap.xmin))
+            .await
+            .map_err(JobError::Source)?;
         let mut next = pos.clone();
-        let dropped = next.settle(&snap, &horizon);
+        let settled = next.settle(&snap, &horizon, &unseen);
         let mut direct = false;
-        let position = (dropped > 0).then_some(&next);
+        let position = settled.changed.then_some(&next);
         let result = apply(
             &tx,
             &mut s.dwh,
@@ -660,11 +667,11 @@ impl Context {
             Ok(a) => a,
             Err(e) => return Err(s.explain(e, &ranges, settings).await),
         };
-        if dropped > 0 {
+        if settled.changed {
             *pos = next;
             self.store.advance(&s.view.job.name, pos).await?;
         }
-        Ok((applied, dropped))
+        Ok((applied, settled.closed))
     }
 
     /// Reload the view rows whose cursor lies in `(from, to]`, leaving the position alone.

@@ -135,7 +135,7 @@ pub enum Retry {
 
 /// The one place that decides retry policy from a database error: connection trouble,
 /// shutdowns, serialization failures, deadlocks and resource exhaustion pass; syntax,
-/// privileges, missing objects, and bad data do not.
+/// privileges, missing objects, bad data and statement timeouts do not.
 pub fn classify(e: &tokio_postgres::Error) -> Retry {
     match e.code() {
         None => {
@@ -148,20 +148,28 @@ pub fn classify(e: &tokio_postgres::Error) -> Retry {
                 Retry::Permanent
             }
         }
-        Some(code) => {
-            let c = code.code();
-            if c.starts_with("08")
-                || c.starts_with("53")
-                || c.starts_with("57")
-                || code == &SqlState::T_R_SERIALIZATION_FAILURE
-                || code == &SqlState::T_R_DEADLOCK_DETECTED
-                || c.starts_with("40")
-            {
-                Retry::Transient
-            } else {
-                Retry::Permanent
-            }
-        }
+        Some(code) => classify_state(code),
+    }
+}
+
+/// The retry policy of a SQLSTATE: classes 08 (connection), 40 (serialization failure,
+/// deadlock), 53 (insufficient resources) and 57 (operator intervention: shutdowns, a server
+/// not yet accepting connections) are transient, except 57014.
+pub fn classify_state(code: &SqlState) -> Retry {
+    // 57014 is a statement that ran into `statement_timeout` or was cancelled on purpose
+    // (`pg_cancel_backend`). The same statement would meet the same end when retried at once,
+    // forever, hiding the cause: the run fails with it, and the next tick tries again.
+    if code == &SqlState::QUERY_CANCELED {
+        return Retry::Permanent;
+    }
+    let c = code.code();
+    if ["08", "40", "53", "57"]
+        .iter()
+        .any(|class| c.starts_with(class))
+    {
+        Retry::Transient
+    } else {
+        Retry::Permanent
     }
 }
 
@@ -218,6 +226,26 @@ mod tests {
             "host=db password=*** user=app"
         );
         assert_eq!(redact("postgres://app@db/shop"), "postgres://app@db/shop");
+    }
+
+    #[test]
+    fn statement_timeouts_are_permanent_and_shutdowns_transient() {
+        for (code, want) in [
+            (SqlState::QUERY_CANCELED, Retry::Permanent),
+            (SqlState::ADMIN_SHUTDOWN, Retry::Transient),
+            (SqlState::CRASH_SHUTDOWN, Retry::Transient),
+            (SqlState::CANNOT_CONNECT_NOW, Retry::Transient),
+            (SqlState::CONNECTION_FAILURE, Retry::Transient),
+            (SqlState::T_R_SERIALIZATION_FAILURE, Retry::Transient),
+            (SqlState::T_R_DEADLOCK_DETECTED, Retry::Transient),
+            (SqlState::TOO_MANY_CONNECTIONS, Retry::Transient),
+            (SqlState::UNDEFINED_TABLE, Retry::Permanent),
+            (SqlState::UNIQUE_VIOLATION, Retry::Permanent),
+            (SqlState::INVALID_PASSWORD, Retry::Permanent),
+            (SqlState::INVALID_TEXT_REPRESENTATION, Retry::Permanent),
+        ] {
+            assert_eq!(classify_state(&code), want, "{}", code.code());
+        }
     }
 
     #[test]

@@ -178,3 +178,36 @@ async fn run_once_writes_a_metrics_file_for_the_textfile_collector() {
     );
     assert!(!env.dir.path().join("pgtide.tmp").exists());
 }
+
+/// Regression: a 71-byte target failed `check` and `run-once` with only `identifier too long`.
+#[tokio::test(flavor = "multi_thread")]
+async fn identifiers_longer_than_63_bytes_are_config_problems_naming_field_and_value() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute("create table t (id bigint primary key)")
+        .await
+        .unwrap();
+    let target = "a".repeat(71);
+    let column = "c".repeat(64);
+    env.job(
+        "orders",
+        &format!("interval_secs = 5\ntarget = \"{target}\"\nkey = [\"id\"]\n[from]\ntable = \"t\"\n[[column]]\nname = \"id\"\nfrom = \"t.id\"\n[[column]]\nname = \"{column}\"\nfrom = \"t.id\"\n"),
+    );
+    for args in [&["check"][..], &["run-once"][..]] {
+        let out = env.pgtide(args).await;
+        assert_eq!(out.code(), 2, "{args:?}: {}", out.stderr());
+        let stderr = out.stderr();
+        for want in [
+            format!("jobs/orders.toml: target: \"{target}\" is 71 bytes long; PostgreSQL identifiers are at most 63 bytes"),
+            format!("jobs/orders.toml: column[1].name: \"{column}\" is 64 bytes long; PostgreSQL identifiers are at most 63 bytes"),
+        ] {
+            assert!(stderr.contains(&want), "{args:?}: missing {want:?} in:\n{stderr}");
+        }
+        assert!(!stderr.contains("identifier too long"), "{stderr}");
+    }
+    assert_eq!(
+        Env::count(&env.dwh, "pg_namespace where nspname in ('dw', 'pgtide')").await,
+        0,
+        "nothing is written for an invalid job"
+    );
+}

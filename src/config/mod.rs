@@ -21,6 +21,9 @@ pub const DEFAULT_BATCH_SIZE: i64 = 10_000;
 pub const DEFAULT_MAX_CONCURRENT_JOBS: usize = 4;
 /// A notify job's safety sweep when it sets no schedule.
 pub const DEFAULT_SWEEP_SECS: u64 = 60;
+/// PostgreSQL keeps identifiers in `name` (NAMEDATALEN - 1 bytes): a longer one is refused as
+/// a parameter and silently cut short in SQL text, where it would then name something else.
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -292,6 +295,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             if schema.is_empty() {
                 problems.push("dwh.schema", "must not be empty");
             }
+            check_identifier(&schema, "dwh.schema", &mut problems);
             DwhConfig { url: d.url, schema }
         }),
     };
@@ -464,10 +468,21 @@ pub fn parse_job(
         problems.push("batch_size", "must be a positive number of rows");
     }
     let target = match raw.target.as_deref() {
-        None => Some(QualifiedName {
-            schema: default_schema.to_string(),
-            name: name.clone(),
-        }),
+        None => {
+            if name.len() > MAX_IDENTIFIER_BYTES {
+                problems.push(
+                    "target",
+                    format!(
+                        "not set, so the job name {name:?} names the target table, and it is {} bytes long; PostgreSQL identifiers are at most {MAX_IDENTIFIER_BYTES} bytes",
+                        name.len()
+                    ),
+                );
+            }
+            Some(QualifiedName {
+                schema: default_schema.to_string(),
+                name: name.clone(),
+            })
+        }
         Some(t) => qualified(t, default_schema, "target", problems),
     };
     let on_delete = match raw.on_delete.as_deref() {
@@ -560,6 +575,10 @@ pub fn parse_job(
         joins.push(Join { table, kind, on });
     }
 
+    if mode == Mode::Notify {
+        check_notify_names(&name, 1 + joins.len(), problems);
+    }
+
     // Columns.
     let mut columns = Vec::new();
     let mut names = BTreeSet::new();
@@ -571,6 +590,7 @@ pub fn parse_job(
         let Some(c) = problems.parse::<RawColumn>(&field, v) else {
             continue;
         };
+        check_identifier(&c.name, &format!("{field}.name"), problems);
         if c.name.is_empty() {
             problems.push(&format!("{field}.name"), "must not be empty");
         } else if !names.insert(c.name.clone()) {
@@ -601,6 +621,7 @@ pub fn parse_job(
         );
     }
     for k in &key {
+        check_identifier(k, "key", problems);
         if !names.contains(k) {
             problems.push("key", format!("{k:?} is not one of the job's columns"));
         }
@@ -623,6 +644,7 @@ pub fn parse_job(
                 Some((a, col)) if a == main => col.to_string(),
                 _ => c,
             })
+            .inspect(|c| check_identifier(c, "watermark", problems))
             .collect::<Vec<_>>()
     });
 
@@ -773,6 +795,9 @@ fn table_ref(
     problems: &mut Problems,
 ) -> Option<TableRef> {
     let name = qualified(table, "public", &format!("{field}.table"), problems)?;
+    if let Some(a) = &alias {
+        check_identifier(a, &format!("{field}.as"), problems);
+    }
     let alias = alias.unwrap_or_else(|| name.name.clone());
     if alias.is_empty() || alias.contains('.') {
         problems.push(
@@ -798,19 +823,60 @@ fn qualified(
         problems.push(field, format!("{s:?} is not \"table\" or \"schema.table\""));
         return None;
     }
+    if s.contains('.') {
+        check_identifier(&schema, field, problems);
+    }
+    check_identifier(&name, field, problems);
     Some(QualifiedName { schema, name })
 }
 
 fn column_ref(s: &str, field: &str, problems: &mut Problems) -> Option<ColumnRef> {
     match s.split_once('.') {
-        Some((a, c)) if !a.is_empty() && !c.is_empty() => Some(ColumnRef {
-            alias: a.to_string(),
-            column: c.to_string(),
-        }),
+        Some((a, c)) if !a.is_empty() && !c.is_empty() => {
+            // Aliases are checked where they are defined; a reference to one is either to a
+            // defined alias or reported as unknown.
+            check_identifier(c, field, problems);
+            Some(ColumnRef {
+                alias: a.to_string(),
+                column: c.to_string(),
+            })
+        }
         _ => {
             problems.push(field, format!("{s:?} is not alias.column"));
             None
         }
+    }
+}
+
+/// An identifier the job gives must fit in PostgreSQL's `name`.
+fn check_identifier(value: &str, field: &str, problems: &mut Problems) {
+    if value.len() > MAX_IDENTIFIER_BYTES {
+        problems.push(
+            field,
+            format!(
+                "{value:?} is {} bytes long; PostgreSQL identifiers are at most {MAX_IDENTIFIER_BYTES} bytes",
+                value.len()
+            ),
+        );
+    }
+}
+
+/// A notify job names its event table, functions, triggers and channel after itself: the
+/// longest of them must fit in an identifier too.
+fn check_notify_names(job: &str, tables: usize, problems: &mut Problems) {
+    let names = crate::source::notify::object_names(job, tables);
+    let Some(longest) = names.iter().max_by_key(|n| n.len()) else {
+        return;
+    };
+    if longest.len() > MAX_IDENTIFIER_BYTES {
+        problems.push(
+            "",
+            format!(
+                "job name {job:?} is too long for a notify job: {longest:?}, named after it in the source, would be {} bytes long; PostgreSQL identifiers are at most {MAX_IDENTIFIER_BYTES} bytes, so this job's name (the file stem) can have at most {} bytes",
+                longest.len(),
+                MAX_IDENTIFIER_BYTES + job.len() - longest.len()
+            ),
+        );
     }
 }
 
@@ -1008,6 +1074,103 @@ mod tests {
         assert_eq!(j.watermark, Some(vec!["updated_at".into(), "id".into()]));
     }
 
+    /// Regression: a 71-byte target failed only with `identifier too long`, naming nothing.
+    #[test]
+    fn identifiers_longer_than_63_bytes_are_named_with_field_and_value() {
+        let long = |c: char, n: usize| c.to_string().repeat(n);
+        let (t, s, j, a, c, w, k) = (
+            long('t', 71),
+            long('s', 64),
+            long('j', 64),
+            long('a', 64),
+            long('c', 64),
+            long('w', 64),
+            long('k', 64),
+        );
+        let text = format!(
+            r#"
+            interval_secs = 5
+            target = "{s}.{t}"
+            key = ["{k}"]
+            watermark = ["o.{w}"]
+            [from]
+            table = "public.{t}"
+            as = "o"
+            [[join]]
+            table = "{j}"
+            as = "{a}"
+            on = {{ "o.{c}" = "{a}.id" }}
+            [[column]]
+            name = "{k}"
+            from = "o.id"
+        "#
+        );
+        let all = job(&text).unwrap_err().join("\n");
+        let too_long = |field: &str, v: &str| {
+            format!(
+                "jobs/orders.toml: {field}: {v:?} is {} bytes long; PostgreSQL identifiers are at most 63 bytes",
+                v.len()
+            )
+        };
+        for want in [
+            too_long("target", &s),
+            too_long("target", &t),
+            too_long("key", &k),
+            too_long("watermark", &w),
+            too_long("from.table", &t),
+            too_long("join[0].table", &j),
+            too_long("join[0].as", &a),
+            too_long(&format!("join[0].on.o.{c}"), &c),
+            too_long("column[0].name", &k),
+        ] {
+            assert!(all.contains(&want), "missing {want:?} in:\n{all}");
+        }
+        // The join alias is reported once, where it is defined, not again in every reference.
+        assert_eq!(all.matches(&format!("{a:?} is 64")).count(), 1, "{all}");
+
+        // Exactly 63 bytes is fine, multi-byte letters count as bytes.
+        let ok = GOOD.replace(
+            "\"public.orders\"",
+            &format!("\"public.{}\"", long('o', 63)),
+        );
+        assert!(job(&ok).is_ok());
+        let cyrillic = GOOD.replace(
+            "\"public.orders\"",
+            &format!("\"public.{}\"", long('ж', 32)),
+        );
+        assert!(job(&cyrillic).unwrap_err()[0]
+            .ends_with("is 64 bytes long; PostgreSQL identifiers are at most 63 bytes"));
+    }
+
+    #[test]
+    fn names_derived_from_the_job_name_must_fit() {
+        let file = |stem: &str| PathBuf::from(format!("jobs/{stem}.toml"));
+        let parse = |stem: &str, text: &str| {
+            let mut p = Problems::new(&file(stem));
+            parse_job(&file(stem), text, &sources(), "analytics", &mut p)
+                .ok_or_else(|| p.list.iter().map(|p| p.to_string()).collect::<Vec<_>>())
+        };
+        let notify = GOOD.replace("interval_secs = 5", "mode = \"notify\"");
+        // Two tables: the longest name is pgtide_<job>_1_stmt, 14 bytes more than the job name.
+        let fits = "n".repeat(49);
+        assert!(parse(&fits, &notify).is_ok());
+        let over = "n".repeat(50);
+        let errs = parse(&over, &notify).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            errs[0],
+            format!("jobs/{over}.toml: job name \"{over}\" is too long for a notify job: \"pgtide_{over}_1_stmt\", named after it in the source, would be 64 bytes long; PostgreSQL identifiers are at most 63 bytes, so this job's name (the file stem) can have at most 49 bytes")
+        );
+        // A poll job names nothing after itself, except its target when `target` is not set.
+        assert!(parse(&over, GOOD).is_ok());
+        let untargeted = "u".repeat(64);
+        let errs = parse(&untargeted, GOOD).unwrap_err();
+        assert!(
+            errs[0].contains(&format!("target: not set, so the job name \"{untargeted}\" names the target table, and it is 64 bytes long")),
+            "{errs:?}"
+        );
+    }
+
     #[test]
     fn every_problem_is_listed_with_its_field() {
         let errs = job(r#"
@@ -1112,5 +1275,23 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("Bad-Name.toml: job name \"Bad-Name\""), "{e}");
+    }
+
+    #[test]
+    fn a_dwh_schema_longer_than_63_bytes_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("jobs")).unwrap();
+        let path = dir.path().join("pgtide.toml");
+        let schema = "d".repeat(64);
+        std::fs::write(
+            &path,
+            format!("[sources.a]\nurl = \"postgres://x@y/z\"\n[dwh]\nurl = \"postgres://x@y/w\"\nschema = \"{schema}\"\n"),
+        )
+        .unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("pgtide.toml: dwh.schema: \"{schema}\" is 64 bytes long; PostgreSQL identifiers are at most 63 bytes")),
+            "{e}"
+        );
     }
 }

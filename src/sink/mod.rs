@@ -34,6 +34,11 @@ pub enum SinkError {
     /// A batch the target cannot take as it is (bad keys).
     #[error("{0}")]
     Data(String),
+    /// The control table holds a position at least as new as the one being written: someone
+    /// else moved the job on (its lock was lost, or it was taken without the lock). The
+    /// caller's transaction must roll back, rows included.
+    #[error("position of job {job} would move backwards (seq {seq}, stored {stored}): another pgtide wrote it")]
+    Backwards { job: String, seq: i64, stored: i64 },
 }
 
 /// Try to take the job's lock for this session; `false` when another session holds it.
@@ -113,20 +118,37 @@ pub async fn read_position(client: &Client, job: &str) -> Result<Option<Position
     }
 }
 
-/// Store the position in the transaction that also holds the batch's rows.
+/// Store the position in the transaction that also holds the batch's rows. The control row
+/// only moves forward: a `seq` not greater than the stored one changes nothing and is
+/// `SinkError::Backwards`, whatever lock the caller holds.
 pub async fn write_position(
     tx: &Transaction<'_>,
     job: &str,
     pos: &Position,
 ) -> Result<(), SinkError> {
+    let control = quote_ident(CONTROL_SCHEMA);
     let q = format!(
-        "insert into {}.positions (job, position, seq, updated_at) values ($1, $2::text::jsonb, $3, now())
-         on conflict (job) do update set position = excluded.position, seq = excluded.seq, updated_at = now()",
-        quote_ident(CONTROL_SCHEMA)
+        "insert into {control}.positions as p (job, position, seq, updated_at)
+         values ($1, $2::text::jsonb, $3, now())
+         on conflict (job) do update set position = excluded.position, seq = excluded.seq, updated_at = now()
+         where p.seq < excluded.seq"
     );
     let text = serde_json::to_string(pos).expect("position serializes");
-    tx.execute(&q, &[&job, &text, &pos.seq]).await?;
-    Ok(())
+    if tx.execute(&q, &[&job, &text, &pos.seq]).await? == 1 {
+        return Ok(());
+    }
+    let stored: i64 = tx
+        .query_one(
+            &format!("select seq from {control}.positions where job = $1"),
+            &[&job],
+        )
+        .await?
+        .get(0);
+    Err(SinkError::Backwards {
+        job: job.to_string(),
+        seq: pos.seq,
+        stored,
+    })
 }
 
 /// What the target needs before the view can be written into it.

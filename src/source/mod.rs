@@ -12,7 +12,7 @@ pub mod notify;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, CopyOutStream, IsolationLevel, Transaction};
 
-use crate::position::{Horizon, Oldest, Snapshot};
+use crate::position::{Horizon, Oldest, Snapshot, Unseen};
 use crate::view::{resolve::settings_statement, sql, Setting, View};
 
 /// Start a read transaction and record its snapshot.
@@ -25,62 +25,160 @@ pub async fn begin(
         .read_only(true)
         .start()
         .await?;
+    // The next id is the snapshot's xmin plus its age: `age()` counts from the next id to be
+    // assigned (on a standby, past every id replayed), and needs no id of its own.
     let row = tx
         .query_one(
             "select pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
                     array(select pg_snapshot_xip(s)::text),
+                    age((pg_snapshot_xmin(s)::text::int8 % 4294967296)::text::xid)::int8,
+                    pg_is_in_recovery(),
                     (extract(epoch from clock_timestamp()) * 1000000)::int8
              from (select pg_current_snapshot() as s) x",
             &[],
         )
         .await?;
     let parse = |s: String| s.parse::<u64>().unwrap_or(0);
+    let xmin = parse(row.get(0));
+    let age: i64 = row.get(3);
     let snapshot = Snapshot {
-        xmin: parse(row.get(0)),
+        xmin,
         xmax: parse(row.get(1)),
         xip: row
             .get::<_, Vec<String>>(2)
             .into_iter()
             .map(parse)
             .collect(),
-        at_us: row.get(3),
+        next: xmin + age.max(0) as u64,
+        recovery: row.get(4),
+        at_us: row.get(5),
     };
     Ok((tx, snapshot))
 }
 
-/// What `pg_stat_activity` shows about other sessions, read before a snapshot is taken (so a
-/// transaction that ends in between is visible to that snapshot): the start of the oldest
-/// open transaction in this database (pgtide's own sessions only read and are left out), and
-/// the transactions running in other databases.
+/// The most transaction ids `unseen` asks the source about; with more (a transaction open
+/// for a long time on a busy source), it re-reads every id from the lower bound instead.
+const UNSEEN_SCAN_MAX: u64 = 200_000;
+
+/// Which transaction ids at or above `from` a snapshot taken by `tx` could not see (see
+/// [`Unseen`]). On a primary the source is asked which ids below the snapshot's `xmax` are
+/// still in progress (`pg_xact_status` knows a subtransaction by its parent), and then which
+/// of the snapshot's own transactions have ended since: those may have had subtransactions
+/// that now look committed, so the floor drops to the first of them.
+pub async fn unseen(
+    tx: &Transaction<'_>,
+    snap: &Snapshot,
+    from: u64,
+) -> Result<Unseen, tokio_postgres::Error> {
+    let start = from.max(snap.xmin);
+    if snap.recovery {
+        return Ok(Unseen {
+            floor: start,
+            xids: Vec::new(),
+        });
+    }
+    if snap.xmax <= start {
+        return Ok(Unseen {
+            floor: start,
+            xids: Vec::new(),
+        });
+    }
+    if snap.xmax - start > UNSEEN_SCAN_MAX {
+        return Ok(Unseen {
+            floor: start,
+            xids: Vec::new(),
+        });
+    }
+    let running: Vec<String> = tx
+        .query_one(
+            "select coalesce(array_agg(x::text), '{}') from generate_series($1::int8, $2::int8 - 1) x
+             where pg_xact_status(x::text::xid8) = 'in progress'",
+            &[&(start as i64), &(snap.xmax as i64)],
+        )
+        .await?
+        .get(0);
+    let listed: Vec<String> = snap
+        .xip
+        .iter()
+        .filter(|x| **x >= start)
+        .map(|x| x.to_string())
+        .collect();
+    let ended: Vec<String> = if listed.is_empty() {
+        Vec::new()
+    } else {
+        tx.query_one(
+            "select coalesce(array_agg(x), '{}') from unnest($1::text[]) x
+             where pg_xact_status(x::xid8) is distinct from 'in progress'",
+            &[&listed],
+        )
+        .await?
+        .get(0)
+    };
+    let parse = |v: Vec<String>| -> Vec<u64> { v.iter().filter_map(|x| x.parse().ok()).collect() };
+    let floor = parse(ended)
+        .into_iter()
+        .chain([snap.xmax])
+        .min()
+        .unwrap_or(snap.xmax);
+    let xids = parse(running).into_iter().filter(|x| *x < floor).collect();
+    Ok(Unseen { floor, xids })
+}
+
+/// What `pg_stat_activity` and `pg_prepared_xacts` show about other transactions, read before
+/// a snapshot is taken (so a transaction that ends in between is visible to that snapshot):
+/// the start of the oldest open transaction in this database (pgtide's own sessions only read
+/// and are left out), the transactions running or prepared in other databases, and the
+/// prepared transactions of this one. On a standby the sessions shown are the standby's own,
+/// not the primary's writers: nothing is known there.
 pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> {
     let row = client
         .query_one(
             // Sessions of other roles are hidden without pg_read_all_stats: backend_type,
             // state and backend_xid read NULL for them (checked on PostgreSQL 15).
-            "select count(*) filter (where here and backend_type is null),
-                    min((extract(epoch from xact_start) * 1000000)::int8) filter (where here),
-                    array_agg(backend_xid::text) filter (where not here and backend_xid is not null)
-             from (select *, datname = current_database() as here from pg_stat_activity
-                   where pid <> pg_backend_pid() and datname is not null
-                     and (backend_type = 'client backend' or backend_type is null)
-                     and application_name not like 'pgtide:%') a",
+            // pg_prepared_xacts is read after pg_stat_activity: a transaction that prepares in
+            // between is seen in one or the other.
+            // pgtide's own sessions in this database only read; elsewhere they count like any.
+            "with a as materialized (
+                 select *, datname = current_database() as here,
+                        datname = current_database() and application_name like 'pgtide:%' as ours
+                 from pg_stat_activity
+                 where pid <> pg_backend_pid() and datname is not null
+                   and (backend_type = 'client backend' or backend_type is null)),
+             s as materialized (
+                 select count(*) filter (where here and not ours and backend_type is null) as hidden,
+                        min((extract(epoch from xact_start) * 1000000)::int8) filter (where here and not ours) as oldest,
+                        array_agg(backend_xid::text) filter (where not here and backend_xid is not null) as elsewhere
+                 from a),
+             p as materialized (
+                 select array_agg(transaction::text) filter (where database = current_database()) as here,
+                        array_agg(transaction::text) filter (where database <> current_database()) as elsewhere
+                 from pg_prepared_xacts)
+             select s.hidden, s.oldest, s.elsewhere, p.here, p.elsewhere, pg_is_in_recovery()
+             from s, p",
             &[],
         )
         .await?;
     let hidden: i64 = row.get(0);
     let oldest: Option<i64> = row.get(1);
-    let elsewhere: Option<Vec<String>> = row.get(2);
-    Ok(Horizon {
-        oldest: match (hidden, oldest) {
-            (0, None) => Oldest::NoneOpen,
-            (0, Some(t)) => Oldest::Since(t),
-            _ => Oldest::Hidden,
-        },
-        elsewhere: elsewhere
+    let recovery: bool = row.get(5);
+    let xids = |i: usize| -> Vec<u32> {
+        row.get::<_, Option<Vec<String>>>(i)
             .unwrap_or_default()
             .iter()
             .filter_map(|x| x.parse().ok())
-            .collect(),
+            .collect()
+    };
+    let mut elsewhere = xids(2);
+    elsewhere.extend(xids(4));
+    Ok(Horizon {
+        oldest: match (recovery, hidden, oldest) {
+            (true, _, _) => Oldest::Hidden,
+            (false, 0, None) => Oldest::NoneOpen,
+            (false, 0, Some(t)) => Oldest::Since(t),
+            _ => Oldest::Hidden,
+        },
+        elsewhere: if recovery { Vec::new() } else { elsewhere },
+        prepared: xids(3),
     })
 }
 

@@ -32,6 +32,23 @@ fn trigger_prefix(job: &str) -> String {
     format!("pgtide_{job}_")
 }
 
+/// The names (unquoted) of what `install` creates for a job whose view reads `tables` tables:
+/// the event table, the functions, the triggers and the NOTIFY channel. Each must fit in a
+/// PostgreSQL identifier; config checks them when it loads the job.
+pub fn object_names(job: &str, tables: usize) -> Vec<String> {
+    let mut names = vec![
+        format!("{job}_events"),
+        format!("{job}_notify"),
+        channel(job),
+    ];
+    for i in 0..tables {
+        names.push(format!("{job}_capture_{i}"));
+        names.push(format!("{}{i}_row", trigger_prefix(job)));
+        names.push(format!("{}{i}_stmt", trigger_prefix(job)));
+    }
+    names
+}
+
 /// The DDL `install` runs, in one transaction: readable, idempotent, and keeping the events
 /// already recorded.
 pub fn install_sql(view: &View) -> String {
@@ -363,5 +380,49 @@ mod tests {
     fn names_are_per_job() {
         assert_eq!(event_table("orders"), "\"pgtide\".\"orders_events\"");
         assert_eq!(channel("orders"), "pgtide_orders");
+    }
+
+    #[test]
+    fn object_names_lists_every_name_install_creates() {
+        let text = r#"
+            mode = "notify"
+            key = ["id"]
+            [from]
+            table = "orders"
+            as = "o"
+            [[join]]
+            table = "customers"
+            as = "c"
+            on = { "o.customer_id" = "c.id" }
+            [[column]]
+            name = "id"
+            from = "o.id"
+        "#;
+        let sources = [("s".to_string(), "postgres://x@y/z".to_string())].into();
+        let file = std::path::Path::new("jobs/shop.toml");
+        let mut p = crate::config::Problems::new(file);
+        let job = crate::config::parse_job(file, text, &sources, "public", &mut p).expect("valid");
+        let captured = |alias: &str, column: &str| crate::view::Captured {
+            alias: alias.into(),
+            columns: vec![column.into()],
+            matches: vec![(column.into(), "bigint".into())],
+        };
+        let view = View {
+            job: std::sync::Arc::new(job),
+            columns: vec![],
+            cursor: vec![],
+            settings: vec![],
+            checks: vec![],
+            captured: vec![captured("o", "id"), captured("c", "id")],
+        };
+        let sql = install_sql(&view);
+        let names = object_names("shop", 2);
+        assert_eq!(names.len(), 9);
+        for name in names {
+            assert!(
+                sql.contains(&quote_ident(&name)) || sql.contains(&format!("'{name}'")),
+                "{name} is not in:\n{sql}"
+            );
+        }
     }
 }

@@ -3,12 +3,22 @@
 //! WAL mode with `synchronous = full`: a position written here survives a power cut. Calls run
 //! on the blocking pool; the connection sits behind a std mutex that is never held across an
 //! await. A position only moves forward (`seq` grows) unless a command sets it on purpose.
+//!
+//! Any number of pgtide processes (the daemon, timers, `status`, `replay`) may share the file,
+//! and may all open it for the first time at once. Waiting for another process is never an
+//! error until `BUSY_TIMEOUT`: every write transaction is `begin immediate` (SQLite answers a
+//! deferred transaction that reads first and then tries to write while another connection
+//! writes with SQLITE_BUSY at once, without waiting), and `open` retries the switch to WAL and
+//! the creation of the schema itself.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{
+    params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
+};
 use serde::Serialize;
 
 use crate::position::Position;
@@ -68,6 +78,15 @@ pub struct Store {
     conn: Arc<Mutex<Connection>>,
 }
 
+/// How long a state-store call waits for other processes' writes before it fails. pgtide's
+/// own write transactions last milliseconds; only something else holding the file for long (a
+/// `sqlite3` shell left inside a transaction) makes a call fail.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The version of `SCHEMA` recorded in SQLite's `user_version`: opening a file that is at this
+/// version writes nothing (so `status` and the like never queue for the write lock to open).
+const SCHEMA_VERSION: i64 = 1;
+
 const SCHEMA: &str = "
 create table if not exists positions (
     job text primary key,
@@ -89,6 +108,21 @@ create table if not exists runs (
 );
 create index if not exists runs_job on runs (job, id);
 ";
+
+/// Create the schema, or bring a file written by an earlier version up to it, in one write
+/// transaction. Several processes may do this at once on a new file: the write lock orders
+/// them, and whoever comes second finds the work done.
+fn prepare(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("pragma user_version", [], |r| r.get(0))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA)?;
+    migrate(&tx)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
+}
 
 /// Bring a state file written by an earlier version up to `SCHEMA`.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
@@ -117,8 +151,41 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
+/// Whether SQLite refused because another connection holds a lock.
+fn busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Run `f` until it does not fail with SQLITE_BUSY, or until `deadline`: for the steps of
+/// `open` where SQLite may answer busy without calling the busy handler (the change of journal
+/// mode takes an exclusive lock). Each attempt is whole or rolled back, so retrying is safe.
+fn retry_busy<T>(
+    deadline: Instant,
+    mut f: impl FnMut() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match f() {
+            Err(e) if busy(&e) && Instant::now() < deadline => {
+                // Processes that collided once should not collide again in lockstep.
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                let jitter = Duration::from_nanos(u64::from(nanos) % pause.as_nanos() as u64);
+                std::thread::sleep(pause + jitter);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            result => return result,
+        }
+    }
+}
+
 impl Store {
-    /// Open (creating if needed) the store at `path`.
+    /// Open (creating if needed) the store at `path`; other processes may be opening or
+    /// writing it at the same time.
     pub fn open(path: &Path) -> Result<Store, StateError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {
@@ -131,14 +198,19 @@ impl Store {
             source,
         };
         let conn = Connection::open(path).map_err(wrap)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(wrap)?;
-        conn.pragma_update(None, "journal_mode", "wal")
-            .map_err(wrap)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(wrap)?;
+        let deadline = Instant::now() + BUSY_TIMEOUT;
+        // WAL is a property of the file: once one process switched, this is a no-op.
+        let mode: String = retry_busy(deadline, || {
+            conn.pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))
+        })
+        .map_err(wrap)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), mode = %mode, "state store cannot use WAL mode (on this file system?); readers and writers will wait for each other");
+        }
         conn.pragma_update(None, "synchronous", "full")
             .map_err(wrap)?;
-        conn.execute_batch(SCHEMA).map_err(wrap)?;
-        migrate(&conn).map_err(wrap)?;
+        retry_busy(deadline, || prepare(&conn)).map_err(wrap)?;
         Ok(Store {
             path: path.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),
@@ -149,6 +221,7 @@ impl Store {
         &self.path
     }
 
+    /// Run `f` with the connection on the blocking pool (reads).
     async fn call<R, F>(&self, f: F) -> Result<R, StateError>
     where
         R: Send + 'static,
@@ -161,6 +234,24 @@ impl Store {
         })
         .await
         .expect("state store task panicked")
+    }
+
+    /// Run `f` in one write transaction that takes the write lock up front (`begin
+    /// immediate`), so that another process's write is waited for (up to `BUSY_TIMEOUT`)
+    /// rather than failing the call. Every write of the store goes through here.
+    async fn write_tx<R, F>(&self, f: F) -> Result<R, StateError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
+    {
+        let err = self.sqlite();
+        self.call(move |c| {
+            let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate).map_err(&err)?;
+            let out = f(&tx).map_err(&err)?;
+            tx.commit().map_err(&err)?;
+            Ok(out)
+        })
+        .await
     }
 
     fn sqlite(&self) -> impl Fn(rusqlite::Error) -> StateError + Send + Clone + 'static {
@@ -193,7 +284,7 @@ impl Store {
     /// Store `pos` if it is newer than what is stored (a position never moves backwards).
     /// Returns whether it was written.
     pub async fn advance(&self, job: &str, pos: &Position) -> Result<bool, StateError> {
-        self.write(job, pos, false, None).await
+        self.put(job, pos, false, None).await
     }
 
     /// `advance`, and set the row count of run `run` in the same transaction (one sync to
@@ -205,25 +296,25 @@ impl Store {
         run: i64,
         rows: i64,
     ) -> Result<bool, StateError> {
-        self.write(job, pos, false, Some((run, rows))).await
+        self.put(job, pos, false, Some((run, rows))).await
     }
 
     /// Store `pos` whatever is stored: for `reset`, and for recovery from the DWH's copy.
     pub async fn overwrite(&self, job: &str, pos: &Position) -> Result<(), StateError> {
-        self.write(job, pos, true, None).await.map(|_| ())
+        self.put(job, pos, true, None).await.map(|_| ())
     }
 
-    async fn write(
+    async fn put(
         &self,
         job: &str,
         pos: &Position,
         force: bool,
         progress: Option<(i64, i64)>,
     ) -> Result<bool, StateError> {
-        let (err, job) = (self.sqlite(), job.to_string());
+        let job = job.to_string();
         let text = serde_json::to_string(pos).expect("position serializes");
         let seq = pos.seq;
-        self.call(move |c| {
+        self.write_tx(move |tx| {
             let sql =
                 format!(
                 "insert into positions (job, position, seq, updated_at) values (?1, ?2, ?3, {NOW})
@@ -231,16 +322,13 @@ impl Store {
                    updated_at = excluded.updated_at {}",
                 if force { "" } else { "where excluded.seq > positions.seq" }
             );
-            let tx = c.unchecked_transaction().map_err(&err)?;
-            let n = tx.execute(&sql, params![job, text, seq]).map_err(&err)?;
+            let n = tx.execute(&sql, params![job, text, seq])?;
             if let Some((run, rows)) = progress {
                 tx.execute(
                     "update runs set rows = ?2 where id = ?1",
                     params![run, rows],
-                )
-                .map_err(&err)?;
+                )?;
             }
-            tx.commit().map_err(&err)?;
             Ok(n > 0)
         })
         .await
@@ -262,25 +350,23 @@ impl Store {
     /// Record the start of a run; runs of this job left `running` by a process that died are
     /// marked failed first (the caller holds the job's lock, so none of them is still going).
     pub async fn start_run(&self, job: &str) -> Result<i64, StateError> {
-        let (err, job) = (self.sqlite(), job.to_string());
-        self.call(move |c| {
-            c.execute(
+        let job = job.to_string();
+        self.write_tx(move |tx| {
+            tx.execute(
                 &format!(
                     "update runs set outcome = 'failed', finished_at = coalesce(finished_at, {NOW}),
                        error = 'interrupted: the process ended before the run finished'
                      where job = ?1 and outcome = 'running'"
                 ),
                 [&job],
-            )
-            .map_err(&err)?;
-            c.execute(
+            )?;
+            tx.execute(
                 &format!(
                     "insert into runs (job, started_at, outcome) values (?1, {NOW}, 'running')"
                 ),
                 [&job],
-            )
-            .map_err(&err)?;
-            Ok(c.last_insert_rowid())
+            )?;
+            Ok(tx.last_insert_rowid())
         })
         .await
     }
@@ -288,15 +374,14 @@ impl Store {
     /// Record a run that failed before it could start (the source or DWH down, a table gone),
     /// so that `status` shows why.
     pub async fn failed_run(&self, job: &str, error: String) -> Result<(), StateError> {
-        let (err, job) = (self.sqlite(), job.to_string());
-        self.call(move |c| {
-            c.execute(
+        let job = job.to_string();
+        self.write_tx(move |tx| {
+            tx.execute(
                 &format!(
                     "insert into runs (job, started_at, finished_at, outcome, error) values (?1, {NOW}, {NOW}, 'failed', ?2)"
                 ),
                 params![job, error],
             )
-            .map_err(&err)
             .map(|_| ())
         })
         .await
@@ -304,10 +389,8 @@ impl Store {
 
     /// Update the row count of a run in progress.
     pub async fn progress_run(&self, id: i64, rows: i64) -> Result<(), StateError> {
-        let err = self.sqlite();
-        self.call(move |c| {
-            c.execute("update runs set rows = ?2 where id = ?1", params![id, rows])
-                .map_err(&err)
+        self.write_tx(move |tx| {
+            tx.execute("update runs set rows = ?2 where id = ?1", params![id, rows])
                 .map(|_| ())
         })
         .await
@@ -320,13 +403,12 @@ impl Store {
         error: Option<String>,
         columns: &BTreeMap<String, Tally>,
     ) -> Result<(), StateError> {
-        let err = self.sqlite();
         let outcome = if error.is_none() { "ok" } else { "failed" };
         let unmapped: u64 = columns.values().map(|t| t.unmapped).sum();
         let nulled: u64 = columns.values().map(|t| t.nulled).sum();
         let columns = serde_json::to_string(columns).expect("tallies serialize");
-        self.call(move |c| {
-            c.execute(
+        self.write_tx(move |tx| {
+            tx.execute(
                 &format!(
                     "update runs set finished_at = {NOW}, outcome = ?2, rows = ?3, error = ?4,
                        unmapped = ?5, nulled = ?6, columns = ?7 where id = ?1"
@@ -341,7 +423,6 @@ impl Store {
                     columns
                 ],
             )
-            .map_err(&err)
             .map(|_| ())
         })
         .await
@@ -433,6 +514,92 @@ mod tests {
         s.overwrite("j", &p1).await.unwrap();
         assert_eq!(s.position("j").await.unwrap(), Some(p1));
         assert_eq!(s.jobs().await.unwrap(), vec!["j".to_string()]);
+    }
+
+    /// Regression: stores opened at once on a new file failed with `database is locked`.
+    #[test]
+    fn many_stores_open_one_new_file_at_once_and_write_concurrently() {
+        const STORES: usize = 8;
+        const WRITES: i64 = 25;
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("new/state.db");
+            let start = Arc::new(std::sync::Barrier::new(STORES));
+            let threads: Vec<_> = (0..STORES)
+                .map(|t| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || -> Result<(), StateError> {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .unwrap();
+                        start.wait();
+                        let s = Store::open(&path)?;
+                        rt.block_on(async {
+                            // Every store writes its own job, and all of them the shared one.
+                            let run = s.start_run(&format!("j{t}")).await?;
+                            for seq in 1..=WRITES {
+                                let pos = Position {
+                                    watermark: Some(vec![seq.to_string()]),
+                                    seq,
+                                    ..Position::default()
+                                };
+                                s.advance_run(&format!("j{t}"), &pos, run, seq).await?;
+                                s.advance("shared", &pos).await?;
+                            }
+                            s.finish_run(run, WRITES, None, &BTreeMap::new()).await
+                        })
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap().unwrap();
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let s = Store::open(&path).unwrap();
+            rt.block_on(async {
+                let mut jobs = s.jobs().await.unwrap();
+                jobs.retain(|j| j != "shared");
+                assert_eq!(jobs.len(), STORES);
+                for j in jobs.iter().chain(["shared".to_string()].iter()) {
+                    assert_eq!(s.position(j).await.unwrap().unwrap().seq, WRITES, "{j}");
+                }
+                let run = s.last_run("j0").await.unwrap().unwrap();
+                assert_eq!((run.outcome.as_str(), run.rows), ("ok", WRITES));
+            });
+            let mode: String = s
+                .conn
+                .lock()
+                .unwrap()
+                .query_row("pragma journal_mode", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(mode, "wal");
+        }
+    }
+
+    #[test]
+    fn a_file_of_an_earlier_version_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "create table runs (id integer primary key, job text not null, started_at text not null,
+               finished_at text, outcome text not null, rows integer not null default 0, error text);
+             insert into runs (job, started_at, outcome) values ('j', '2024-01-01T00:00:00Z', 'ok');",
+        )
+        .unwrap();
+        drop(old);
+        let s = Store::open(&path).unwrap();
+        let c = s.conn.lock().unwrap();
+        let version: i64 = c
+            .query_row("pragma user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let nulled: i64 = c
+            .query_row("select nulled from runs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(nulled, 0);
     }
 
     #[tokio::test]

@@ -53,10 +53,15 @@ const TYPE_JOINS: &str = "join pg_namespace n on n.oid = t.typnamespace
 pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<View, ViewError> {
     let mut problems = Vec::new();
     let mut tables: HashMap<String, (u32, HashMap<String, SourceColumn>)> = HashMap::new();
-    for t in job.tables() {
+    for (i, t) in job.tables().enumerate() {
         match table(client, t).await? {
-            Some(found) => {
-                tables.insert(t.alias.clone(), found);
+            Some((oid, kind, cols)) => {
+                if i == 0 {
+                    if let Some(why) = unfit_main_table(kind) {
+                        problems.push(format!("from.table {}: {why}", t.name));
+                    }
+                }
+                tables.insert(t.alias.clone(), (oid, cols));
             }
             None => problems.push(format!("table {} does not exist in the source", t.name)),
         }
@@ -375,13 +380,29 @@ fn capture(
     out
 }
 
+/// Why a relation of kind `relkind` cannot be a job's main table, if it cannot.
+///
+/// Exactness rests on each main-table row's `xmin` (the transaction that wrote it): rechecks
+/// find late rows by it, and a notify job's triggers fire on the table itself. Views,
+/// materialized views and foreign tables have neither, so a job on one could not promise that
+/// no row is lost; it is refused before anything is read.
+fn unfit_main_table(relkind: i8) -> Option<&'static str> {
+    let why = match relkind as u8 {
+        b'v' => "is a view; pgtide finds rows that commit late by the main table's row versions (xmin), which a view does not have: make its base table the main table and add the other tables as [[join]]",
+        b'm' => "is a materialized view; pgtide finds rows that commit late by the main table's row versions (xmin), and a refresh rewrites every row: make the tables it is built from the main table and [[join]]s",
+        b'f' => "is a foreign table; pgtide finds rows that commit late by the main table's row versions (xmin), which a foreign table does not have: run pgtide against the server that holds the table",
+        _ => return None,
+    };
+    Some(why)
+}
+
 async fn table(
     client: &Client,
     t: &TableRef,
-) -> Result<Option<(u32, HashMap<String, SourceColumn>)>, ViewError> {
+) -> Result<Option<(u32, i8, HashMap<String, SourceColumn>)>, ViewError> {
     let row = client
         .query_opt(
-            "select c.oid from pg_class c join pg_namespace ns on ns.oid = c.relnamespace
+            "select c.oid, c.relkind from pg_class c join pg_namespace ns on ns.oid = c.relnamespace
              where ns.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p', 'v', 'm', 'f')",
             &[&t.name.schema, &t.name.name],
         )
@@ -389,6 +410,7 @@ async fn table(
         .map_err(ViewError::Db)?;
     let Some(row) = row else { return Ok(None) };
     let oid: u32 = row.get(0);
+    let kind: i8 = row.get(1);
     let q = format!(
         "select a.attname, {} from pg_attribute a join pg_type t on t.oid = a.atttypid {TYPE_JOINS}
          where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped",
@@ -407,7 +429,7 @@ async fn table(
             )
         })
         .collect();
-    Ok(Some((oid, cols)))
+    Ok(Some((oid, kind, cols)))
 }
 
 async fn primary_key(client: &Client, table: u32) -> Result<Option<String>, ViewError> {

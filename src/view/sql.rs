@@ -165,8 +165,9 @@ pub struct RangeRef {
     pub prefix: String,
     pub has_lo: bool,
     pub has_hi: bool,
-    /// Recheck only rows written by these transactions: settings `<prefix>xip` (an xid
-    /// array) and `<prefix>xmax` (rows written by this transaction id or later).
+    /// Recheck only rows written by transaction ids at or after setting `<prefix>floor` (an
+    /// xid; `age()` compares ids across wraparound, and frozen rows are the oldest of all),
+    /// or by one of the ids of setting `<prefix>xids` (an xid array).
     pub recheck: bool,
     /// Instead of a cursor range: the rows whose main-table key is in the arrays of settings
     /// `<prefix>k<i>` (notify jobs).
@@ -246,7 +247,7 @@ fn range_predicate(view: &View, r: &RangeRef) -> String {
     if r.recheck {
         let xmin = column(&view.job.from.alias, "xmin");
         preds.push(format!(
-            "({xmin} = any(current_setting('{SETTING_PREFIX}{p}xip')::xid[]) or age({xmin}) <= age(current_setting('{SETTING_PREFIX}{p}xmax')::xid))",
+            "(age({xmin}) <= age(current_setting('{SETTING_PREFIX}{p}floor')::xid) or {xmin} = any(current_setting('{SETTING_PREFIX}{p}xids')::xid[]))",
             p = r.prefix
         ));
     }
@@ -479,11 +480,11 @@ mod tests {
             ],
         );
         assert!(
-            sql.contains("\"o\".\"xmin\" = any(current_setting('pgtide.w0xip')::xid[])"),
+            sql.contains("age(\"o\".\"xmin\") <= age(current_setting('pgtide.w0floor')::xid)"),
             "{sql}"
         );
         assert!(
-            sql.contains("age(\"o\".\"xmin\") <= age(current_setting('pgtide.w1xmax')::xid)"),
+            sql.contains("age(\"o\".\"xmin\") <= age(current_setting('pgtide.w1floor')::xid)"),
             "{sql}"
         );
         assert!(sql.contains(") or ("), "{sql}");

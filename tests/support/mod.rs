@@ -12,12 +12,25 @@ use pgtide::cluster::Cluster;
 use tokio_postgres::{Client, NoTls};
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static STANDBY: OnceLock<Cluster> = OnceLock::new();
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn stop_cluster() {
+    if let Some(c) = STANDBY.get() {
+        c.stop();
+    }
     if let Some(c) = CLUSTER.get() {
         c.stop();
     }
+}
+
+/// A hot standby of the shared cluster, made with `pg_basebackup -R` on first use.
+pub fn standby() -> &'static Cluster {
+    STANDBY.get_or_init(|| {
+        cluster()
+            .standby()
+            .unwrap_or_else(|e| panic!("cannot start a hot standby: {e}"))
+    })
 }
 
 /// The shared cluster. A machine without PostgreSQL fails here, loudly.
@@ -78,6 +91,38 @@ impl Env {
             "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{src}\"\n[dwh]\nurl = \"{dwh}\"\nschema = \"dw\"\n"
         );
         std::fs::write(self.config(), toml).unwrap();
+    }
+
+    /// The URL of this environment's source database on the hot standby.
+    pub fn standby_url(&self) -> String {
+        let db = self.src_url.rsplit('/').next().unwrap();
+        standby().url(db)
+    }
+
+    /// Wait until the standby has replayed everything the primary has written so far.
+    pub async fn wait_replayed(&self) {
+        let lsn: String = self
+            .src
+            .query_one("select pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let replica = connect(&self.standby_url()).await;
+        let replica = &replica;
+        wait_for(60, "the standby to replay the primary's changes", || {
+            let lsn = lsn.clone();
+            async move {
+                replica
+                    .query_one(
+                        "select pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                        &[&lsn],
+                    )
+                    .await
+                    .unwrap()
+                    .get::<_, bool>(0)
+            }
+        })
+        .await;
     }
 
     pub fn config(&self) -> PathBuf {
