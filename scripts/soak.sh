@@ -717,7 +717,8 @@ if ended:
     print(f"WARNING: {ended} writer sessions ended before the soak did (see writers/*.err)")
 print(f"daemon SIGKILLs: {kills}, DWH restarts: {restarts}, daemon exits on its own: {died}")
 
-# "caught up" lines of the daemon and the final run-once: rows loaded and rows re-read by recheck.
+# "caught up" lines of the daemon and the final run-once: rows read (`rows`, re-reads included)
+# and rows re-read by recheck (`rechecked`).
 loaded, reread, has_reread = {}, {}, False
 for name in ("daemon.log", "runonce.log"):
     path = os.path.join(work, name)
@@ -784,10 +785,11 @@ for j in jobs:
     run_rc = open(rc_file).read().strip() if os.path.exists(rc_file) else "?"
     print(f"job {j}: rows {len(dst)}, missing {m}, different {d}, extra {e}")
     poll = j != "orders_live"   # the notify job's drains in the daemon log no row counts
-    line = f"    loaded {loaded.get(j, 0)} rows" if poll else "    loaded: not logged by the daemon (notify)"
+    line = f"    read {loaded.get(j, 0)} rows" if poll else "    rows read: not logged by the daemon (notify)"
     if has_reread and poll:
         r = reread.get(j, 0)
-        line += f", re-read by recheck {r} ({(r / loaded[j] if loaded[j] else 0):.4f} per row loaded)"
+        b = loaded.get(j, 0) - r
+        line += f": {b} past the watermark, {r} re-read by recheck ({(r / b if b else 0):.2f} per row past the watermark)"
     line += f"; own comparison: missing {len(x_missing)}, different {len(x_diff)}, extra {len(x_extra)}"
     print(line)
     problems = []
@@ -813,8 +815,10 @@ for j in jobs:
         failed.append(j)
 
 if has_reread:
-    tl, tr = sum(loaded.values()), sum(reread.values())
-    print(f"recheck: {tr} rows re-read for {tl} rows loaded ({(tr / tl if tl else 0):.4f} per row loaded)")
+    tr = sum(reread.values())
+    tb = sum(loaded.values()) - tr
+    print(f"recheck (poll jobs): {tr} rows re-read, {tb} rows read past the watermark: "
+          f"{(tr / tb if tb else 0):.2f} re-read per row loaded")
 else:
     print("recheck: this pgtide does not log `rechecked` on \"caught up\" lines; no figure")
 if failed:
