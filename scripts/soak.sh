@@ -541,10 +541,10 @@ unit_move() { # rows move between partitions
   tx_begin move; echo "$MOVE_S;"; [ $((RANDOM % 2)) -ne 0 ] || echo "$MOVE_S;"; tx_commit move
 }
 
-# name unit pause: run units until the stop file appears; the psql session's errors go to
-# writers/name.err, the number of units done to writers/name.units.
+# name unit pause [first turn]: run units until the stop file appears; the psql session's errors
+# go to writers/name.err, the number of units done to writers/name.units.
 writer() {
-  local name=$1 unit=$2 pause=$3 n=0 ack
+  local name=$1 unit=$2 pause=$3 n=${4:-0} ack
   set +e
   trap '' PIPE INT
   coproc PSQL { PGAPPNAME=soak_$name exec "$BIN/psql" -X -q -v ON_ERROR_STOP=0 -v VERBOSITY=terse \
@@ -557,7 +557,7 @@ writer() {
     { "$unit" "$n" "$name"; echo '\echo ack'; } >&"$to" 2>/dev/null || break
     read -r -u "$from" ack || { echo "psql session ended" >> "$WORK/writers/$name.err"; break; }
     n=$((n + 1))
-    echo "$n" > "$WORK/writers/$name.units"
+    echo "$((n - ${4:-0}))" > "$WORK/writers/$name.units"
     [ "$pause" = 0 ] || sleep "$pause"
   done
   echo '\q' >&"$to" 2>/dev/null
@@ -575,12 +575,12 @@ start_writer inserts unit_insert 0.03
 start_writer updates unit_update 0.03
 start_writer many unit_many 0.05
 start_writer long1 unit_long 0
-start_writer long2 unit_long 0
+start_writer long2 unit_long 0 2   # the other shapes first: each comes early in one of the two
 start_writer savepoints unit_savepoint 0
 start_writer plpgsql unit_plpgsql 0
 start_writer moves unit_move 0.05
 start_writer twophase1 unit_2pc 0
-start_writer twophase2 unit_2pc 0
+start_writer twophase2 unit_2pc 0 1
 start_writer twophase_long unit_2pc_long 0
 
 # Disturbances at random moments: SIGKILLs of the daemon (one per 15 s, at least 2) and DWH
