@@ -78,7 +78,7 @@ timed() { # binary job -> seconds
   local t0 t1
   psql -d dwh -c checkpoint >/dev/null
   t0=$(now)
-  "$1" --config "$work/cfg/pgtide.toml" run-once "$2" >/dev/null
+  "$1" --config "$work/cfg/pgtide.toml" run-once "$2" >/dev/null 2>>"$work/pgtide.log"
   t1=$(now)
   n=$(psql -d dwh -Atc "select count(*) from \"$2\"")
   [ "$n" = "$ROWS" ] || { echo "$2 loaded $n rows, expected $ROWS" >&2; exit 1; }

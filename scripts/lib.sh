@@ -39,7 +39,7 @@ ensure_cargo() {
 # Stop PostgreSQL servers left behind by test runs that were killed before they could clean up.
 stop_stale_test_clusters() {
   local d
-  for d in /tmp/pgtide-pg-*/data; do
+  for d in /tmp/pgtide-standby-*/data /tmp/pgtide-pg-*/data; do
     [ -f "$d/postmaster.pid" ] || continue
     if [ "$(id -u)" -eq 0 ]; then
       runuser -u postgres -- "$(pg_bindir)/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true

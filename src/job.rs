@@ -404,6 +404,8 @@ impl Context {
             let (applied, dropped) = self.recheck(s, &mut pos).await?;
             let (rows, changed) = (applied.rows, applied.changed);
             summary.rechecked = rows;
+            self.metrics.rows(&job.name, rows);
+            self.metrics.rechecked(&job.name, rows);
             summary.add(applied);
             tracing::debug!(job = %job.name, rows, changed, settled = dropped, open = pos.windows.len(), "rechecked windows");
         }

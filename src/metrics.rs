@@ -15,6 +15,7 @@ const BUCKETS: [f64; 11] = [
 #[derive(Debug, Default)]
 struct JobMetrics {
     rows: u64,
+    rechecked: u64,
     runs_ok: u64,
     runs_failed: u64,
     buckets: [u64; BUCKETS.len()],
@@ -44,6 +45,11 @@ impl Metrics {
 
     pub fn rows(&self, job: &str, n: u64) {
         self.with(job, |m| m.rows += n);
+    }
+
+    /// Rows a recheck of open windows re-read (also counted in `rows`).
+    pub fn rechecked(&self, job: &str, n: u64) {
+        self.with(job, |m| m.rechecked += n);
     }
 
     pub fn batch(&self, job: &str, secs: f64) {
@@ -112,6 +118,18 @@ impl Metrics {
             "View rows read from the source and applied to the DWH.",
             &mut |o, j, m| {
                 let _ = writeln!(o, "pgtide_rows_written_total{{job=\"{j}\"}} {}", m.rows);
+            },
+        );
+        family(
+            "pgtide_rows_rechecked_total",
+            "counter",
+            "Rows re-read by rechecks of open windows (included in pgtide_rows_written_total).",
+            &mut |o, j, m| {
+                let _ = writeln!(
+                    o,
+                    "pgtide_rows_rechecked_total{{job=\"{j}\"}} {}",
+                    m.rechecked
+                );
             },
         );
         family(
