@@ -826,3 +826,48 @@ async fn rows_changing_while_the_daemon_follows_them_are_not_reported() {
     unsafe { libc::kill(daemon.id().unwrap() as i32, libc::SIGTERM) };
     daemon.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn composite_keys_are_named_by_all_their_values() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "create table lines (order_id int, line int, sku text, qty int, primary key (order_id, line));
+             insert into lines select o, l, 'SKU ' || o || '/' || l, o * l from generate_series(1, 30) o, generate_series(1, 3) l;",
+        )
+        .await
+        .unwrap();
+    let job = |mode: &str| {
+        format!(
+            "{mode}\nbatch_size = 20\nkey = [\"order_id\", \"line\"]\nwatermark = [\"order_id\", \"line\"]\n[from]\ntable = \"lines\"\nas = \"l\"\n\
+             [[column]]\nname = \"order_id\"\nfrom = \"l.order_id\"\n[[column]]\nname = \"line\"\nfrom = \"l.line\"\n\
+             [[column]]\nname = \"sku\"\nfrom = \"l.sku\"\n[[column]]\nname = \"qty\"\nfrom = \"l.qty\"\n"
+        )
+    };
+    env.job("lines", &job("interval_secs = 60"));
+    env.job("live", &job("mode = \"notify\"\ntarget = \"lines_live\""));
+    env.pgtide(&["install", "live"]).await.ok();
+    env.pgtide(&["run-once"]).await.ok();
+    for (job, table) in [("lines", "dw.lines"), ("live", "dw.lines_live")] {
+        clean(&env, job, &[]).await;
+        env.dwh
+            .batch_execute(&format!(
+                "delete from {table} where (order_id, line) in ((2, 1), (20, 3));
+                 update {table} set qty = -1 where (order_id, line) = (3, 2);
+                 insert into {table} (order_id, line, sku) values (99, 1, 'stray');"
+            ))
+            .await
+            .unwrap();
+        let (code, r, _) = verify(&env, job, &[]).await;
+        assert_eq!(code, 1);
+        assert_eq!(keys(&r, "missing"), strs(&["20|3", "2|1"]), "{r}");
+        assert_eq!(keys(&r, "different"), strs(&["3|2"]), "{r}");
+        let extra: &[&str] = if job == "live" { &["99|1"] } else { &[] };
+        assert_eq!(keys(&r, "extra"), strs(extra), "{r}");
+        let (_, r, _) = verify(&env, job, &["--from", "[3, 1]", "--to", "[20, 3]"]).await;
+        assert_eq!(counts(&r), (1, 1, 0), "(3,1) < (3,2) .. (20,3]: {r}");
+        let (code, r, _) = verify(&env, job, &["--repair"]).await;
+        assert_eq!(code, 0, "{r}");
+        clean(&env, job, &[]).await;
+    }
+}
