@@ -69,6 +69,20 @@ pub enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Compare the target with the view over the source by key: rows missing, different or
+    /// extra; --repair rewrites them and compares again (exit 1 while rows differ)
+    Verify {
+        job: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        /// Rewrite the rows that differ (takes the job's lock), then compare again
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Notify jobs: create the event table and triggers in the source (idempotent)
     Install {
         #[arg(required = true)]
@@ -217,6 +231,40 @@ async fn dispatch(command: Command, config: Arc<Config>) -> Result<(), Failure> 
                 None => println!("job {}: watermark reset to the beginning", job.name),
             }
             Ok(())
+        }
+        Command::Verify {
+            job,
+            from,
+            to,
+            repair,
+            json,
+        } => {
+            let job = one(&config, &job)?;
+            let opts = crate::verify::Options {
+                from: from.map(|v| parse_value(&v, "--from")).transpose()?,
+                to: to.map(|v| parse_value(&v, "--to")).transpose()?,
+                repair,
+            };
+            let report = crate::verify::verify(&ctx, &job, opts)
+                .await
+                .map_err(|e| match e {
+                    crate::verify::VerifyError::Job(e) => Failure::job(&job.name, &e),
+                    e => Failure::failed(format!("job {}: {e}", job.name)),
+                })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            } else {
+                print!("{}", report.human());
+            }
+            if report.clean() {
+                Ok(())
+            } else {
+                let o = &report.outcome;
+                Err(Failure::failed(format!(
+                    "job {}: the target differs from the view ({} missing, {} different, {} extra)",
+                    job.name, o.missing, o.different, o.extra
+                )))
+            }
         }
         Command::Install { jobs } => {
             for job in notify_jobs(&config, &jobs)? {

@@ -1018,3 +1018,70 @@ async fn transfer(
     tx.commit().await.map_err(SinkError::from)?;
     Ok(Some(applied))
 }
+
+/// `verify --repair`: apply the current view rows of the main-table keys `keys` (values as text,
+/// one per column of `view.captured[0]`), and with `gone` (whole keys as text, in `key` order)
+/// the job's `on_delete` to the target rows of those keys that the view no longer has: the
+/// path a notify drain takes, so a repair writes exactly what the job would.
+pub(crate) async fn apply_keys(
+    source_tx: &tokio_postgres::Transaction<'_>,
+    dwh: &mut Client,
+    view: &View,
+    keys: &[Vec<String>],
+    gone: Option<&[Vec<String>]>,
+) -> Result<RunSummary, JobError> {
+    let settings: Vec<Setting> = (0..view.captured[0].columns.len())
+        .map(|i| Setting {
+            name: format!("nk{i}"),
+            value: view::resolve::text_array(
+                &keys.iter().map(|k| k[i].clone()).collect::<Vec<_>>(),
+            ),
+        })
+        .collect();
+    let mut no_direct = false;
+    let applied = apply(
+        source_tx,
+        dwh,
+        view,
+        &[RangeRef::keys("n")],
+        &settings,
+        None,
+        &mut no_direct,
+        gone.map(sink::Missing::Keys),
+    )
+    .await?;
+    let mut summary = RunSummary::default();
+    summary.add(applied);
+    Ok(summary)
+}
+
+/// The ranges and settings of a poll job's open windows as `recheck` reads them: the rows the
+/// job has yet to re-read (for `verify`, which does not count them).
+pub(crate) fn window_ranges(pos: &Position) -> (Vec<RangeRef>, Vec<Setting>) {
+    let mut ranges = Vec::new();
+    let mut settings = Vec::new();
+    for (i, w) in pos.windows.iter().enumerate() {
+        let prefix = format!("w{i}");
+        ranges.push(RangeRef {
+            prefix: prefix.clone(),
+            has_lo: w.lo.is_some(),
+            has_hi: true,
+            recheck: true,
+            keys: false,
+        });
+        settings.extend(source::range_settings(
+            &prefix,
+            w.lo.as_deref(),
+            Some(&w.hi),
+        ));
+        settings.push(view::Setting {
+            name: format!("{prefix}xip"),
+            value: w.xip_literal(),
+        });
+        settings.push(view::Setting {
+            name: format!("{prefix}xmax"),
+            value: w.xmax_xid(),
+        });
+    }
+    (ranges, settings)
+}

@@ -15,6 +15,7 @@
 //! - `demo`: the `pgtide demo` command.
 //! - `import`: InsightForge view documents turned into job files.
 //! - `metrics`: per-job figures in Prometheus text (`/metrics`, `--metrics-file`).
+//! - `verify`: `pgtide verify`: the target compared with the view by key, and repaired.
 //! - `cli`: the command line; `telemetry`: logging.
 
 pub mod cli;
@@ -31,4 +32,5 @@ pub mod sink;
 pub mod source;
 pub mod state;
 pub mod telemetry;
+pub mod verify;
 pub mod view;

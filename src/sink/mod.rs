@@ -391,7 +391,7 @@ pub fn copy_in_sql(view: &View, direct: bool) -> String {
 }
 
 /// Types without an equality operator: compared as text to find unchanged rows.
-fn compare_as_text(ty: &str) -> bool {
+pub(crate) fn compare_as_text(ty: &str) -> bool {
     let base = ty.trim_end_matches("[]");
     matches!(
         base,

@@ -21,7 +21,7 @@ pub fn from_clause(view: &View) -> String {
 }
 
 /// The from clause with only the first `joins` joins.
-fn from_joins(view: &View, joins: usize) -> String {
+pub fn from_joins(view: &View, joins: usize) -> String {
     let job = &view.job;
     let mut s = format!(
         "from {} as {}",
@@ -270,6 +270,19 @@ pub fn rows_of(view: &View, ranges: &[RangeRef]) -> String {
         preds.join(" or ")
     };
     format!("{} where {pred}", from_clause(view))
+}
+
+/// The rows of `ranges` (ORed) as a boolean expression over the view's tables, for queries
+/// that add conditions of their own (`verify`).
+pub fn predicate(view: &View, ranges: &[RangeRef]) -> String {
+    if ranges.is_empty() {
+        return "true".into();
+    }
+    let preds: Vec<String> = ranges
+        .iter()
+        .map(|r| format!("({})", range_predicate(view, r)))
+        .collect();
+    preds.join(" or ")
 }
 
 /// `copy (select <view columns> from ... where <ranges>) to stdout (format binary)`.

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Cost of `pgtide verify` on the bench table (1,000,000 orders-like rows), in one run on one
+# server, against the cost of reading the table once:
+#   baseline: psql -c "copy (select * from orders) to stdout (format binary)" > /dev/null
+#   verify of a 1:1 job and of a job with a value map and two JSON fields, right after their load
+#   verify of the 1:1 job after 1,000 of its DWH rows were deleted, changed or added, spread over
+#   the whole table; then verify --repair of them
+# Prints wall time, peak RSS (/usr/bin/time -v) and the ratio to the baseline.  ROWS=... changes
+# the size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_cargo
+ensure_postgres
+ensure_time
+ROWS=${ROWS:-1000000}
+cargo build --release --quiet
+PGTIDE=$PWD/target/release/pgtide
+
+start_bench_cluster "-c shared_buffers=512MB -c max_wal_size=8GB -c synchronous_commit=off"
+trap stop_bench_cluster EXIT
+work=$WORK
+port=$PORT
+now() { date +%s.%N; }
+
+psql -d postgres -c "create database src" -c "create database dwh"
+echo "generating $ROWS orders-like rows..."
+psql -d src <<SQL
+create table orders (
+    id bigint primary key,
+    customer_id integer not null,
+    status integer not null,
+    quantity integer not null,
+    amount numeric(12, 2) not null,
+    payload jsonb not null,
+    created_at timestamptz not null,
+    updated_at timestamptz not null
+);
+insert into orders
+select g, 1 + g % 50000, 1 + g % 4, 1 + g % 7, round((g % 100000) / 7.0, 2),
+       jsonb_build_object('meta', jsonb_build_object('channel', (array['web','app','phone'])[1 + g % 3], 'campaign', 'c' || g % 100),
+                          'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || g % 1000, 'qty', 1 + g % 5))),
+       timestamptz '2025-01-01' + make_interval(secs => g), timestamptz '2025-01-01' + make_interval(secs => g)
+from generate_series(1, $ROWS) g;
+vacuum analyze orders;
+SQL
+
+mkdir -p "$work/cfg/jobs"
+cat > "$work/cfg/pgtide.toml" <<TOML
+[sources.src]
+url = "postgres://postgres@127.0.0.1:$port/src"
+[dwh]
+url = "postgres://postgres@127.0.0.1:$port/dwh"
+TOML
+columns=""
+for c in id customer_id status quantity amount payload created_at updated_at; do
+  columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
+done
+printf 'interval_secs = 60\ntarget = "orders_pgtide"\nkey = ["id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' "$columns" > "$work/cfg/jobs/plain.toml"
+cat > "$work/cfg/jobs/mapped.toml" <<TOML
+interval_secs = 60
+target = "orders_mapped"
+key = ["id"]
+[from]
+table = "public.orders"
+as = "o"
+[[column]]
+name = "id"
+from = "o.id"
+[[column]]
+name = "customer_id"
+from = "o.customer_id"
+[[column]]
+name = "status_label"
+from = "o.status"
+map = { "1" = "created", "2" = "processing", "3" = "done" }
+map_default = "other"
+[[column]]
+name = "amount"
+from = "o.amount"
+[[column]]
+name = "channel"
+from = "o.payload"
+json = "meta.channel"
+type = "text"
+[[column]]
+name = "first_qty"
+from = "o.payload"
+json = "items.0.qty"
+type = "integer"
+[[column]]
+name = "updated_at"
+from = "o.updated_at"
+TOML
+echo "loading both jobs..."
+"$PGTIDE" --config "$work/cfg/pgtide.toml" run-once plain mapped >/dev/null
+psql -d dwh -c "vacuum analyze" -c checkpoint >/dev/null
+psql -d src -c checkpoint >/dev/null
+
+# measure NAME EXPECTED_EXIT STDOUT_FILE COMMAND... : appends "NAME seconds peak_kib" to results
+measure() {
+  local name=$1 want=$2 out=$3 t0 t1 code
+  shift 3
+  t0=$(now)
+  set +e
+  /usr/bin/time -v -o "$work/time" "$@" >"$out" 2>"$work/stderr"
+  code=$?
+  set -e
+  t1=$(now)
+  if [ "$code" != "$want" ]; then
+    echo "$name exited $code, expected $want" >&2
+    cat "$work/stderr" >&2
+    exit 1
+  fi
+  echo "$name $(python3 -c "print($t1 - $t0)") $(awk -F': ' '/Maximum resident set size/ {print $2}' "$work/time")" >>"$work/results"
+}
+: >"$work/results"
+
+# The baseline twice, so both see a warm cache; the second one counts.
+"$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d src -c "copy (select * from orders) to stdout (format binary)" >/dev/null
+measure copy 0 /dev/null "$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d src \
+  -c "copy (select * from orders) to stdout (format binary)"
+measure verify_plain 0 "$work/plain.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
+measure verify_mapped 0 "$work/mapped.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify mapped --json
+
+# 400 rows deleted, 400 changed, 200 added in the DWH, spread over every part of the table.
+psql -d dwh <<SQL
+delete from orders_pgtide where id % 2500 = 1;
+update orders_pgtide set amount = amount + 1 where id % 2500 = 2;
+insert into orders_pgtide select id + $ROWS, customer_id, status, quantity, amount, payload, created_at, updated_at
+from orders_pgtide where id % 5000 = 3;
+SQL
+measure verify_damaged 1 "$work/damaged.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
+measure verify_repair 0 "$work/repair.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --repair --json
+
+python3 - "$ROWS" "$work" <<'PY'
+import json, sys
+rows, work = int(sys.argv[1]), sys.argv[2]
+res = {}
+for line in open(f"{work}/results"):
+    name, secs, kib = line.split()
+    res[name] = (float(secs), int(kib))
+def load(n): return json.load(open(f"{work}/{n}.json"))
+for n in ("plain", "mapped"):
+    r = load(n)
+    assert (r["compared"], r["missing"], r["different"], r["extra"]) == (rows, 0, 0, 0), r
+d = load("damaged")
+want = rows // 2500
+assert (d["missing"], d["different"], d["extra"]) == (want, want, 0), d
+r = load("repair")
+assert (r["repaired"]["missing"], r["repaired"]["different"]) == (want, want), r
+assert (r["missing"], r["different"]) == (0, 0), r
+base = res["copy"][0]
+print(f"\n{rows} rows, source and DWH on one local PostgreSQL")
+print(f"{'':46} {'seconds':>8} {'vs one COPY':>12} {'peak RSS':>10}")
+labels = {
+    "copy": "baseline: copy (select *) to stdout (binary)",
+    "verify_plain": "verify, 1:1 job, nothing differs",
+    "verify_mapped": "verify, map + 2 json job, nothing differs",
+    "verify_damaged": f"verify, 1:1 job, {want}+{want} rows differ",
+    "verify_repair": "verify --repair of those, then verify again",
+}
+for name, label in labels.items():
+    secs, kib = res[name]
+    rss = "" if name == "copy" else f"{kib / 1024:8.1f} MiB"
+    print(f"{label:46} {secs:8.2f} {secs / base:12.2f} {rss:>10}")
+PY
