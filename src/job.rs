@@ -621,31 +621,7 @@ impl Context {
         let (tx, snap) = source::begin(&mut s.source)
             .await
             .map_err(JobError::Source)?;
-        let mut ranges = Vec::new();
-        let mut settings = Vec::new();
-        for (i, w) in pos.windows.iter().enumerate() {
-            let prefix = format!("w{i}");
-            ranges.push(RangeRef {
-                prefix: prefix.clone(),
-                has_lo: w.lo.is_some(),
-                has_hi: true,
-                recheck: true,
-                keys: false,
-            });
-            settings.extend(source::range_settings(
-                &prefix,
-                w.lo.as_deref(),
-                Some(&w.hi),
-            ));
-            settings.push(view::Setting {
-                name: format!("{prefix}floor"),
-                value: w.floor_xid(),
-            });
-            settings.push(view::Setting {
-                name: format!("{prefix}xids"),
-                value: w.xids_literal(),
-            });
-        }
+        let (ranges, settings) = window_ranges(pos);
         let unseen = source::unseen(&tx, &snap, pos.lowest_floor().unwrap_or(snap.xmin))
             .await
             .map_err(JobError::Source)?;
@@ -1055,8 +1031,8 @@ pub(crate) async fn apply_keys(
     Ok(summary)
 }
 
-/// The ranges and settings of a poll job's open windows as `recheck` reads them: the rows the
-/// job has yet to re-read (for `verify`, which does not count them).
+/// The ranges and settings of a poll job's open windows: the rows `recheck` re-reads, which
+/// `verify` does not count (the job has yet to re-read them).
 pub(crate) fn window_ranges(pos: &Position) -> (Vec<RangeRef>, Vec<Setting>) {
     let mut ranges = Vec::new();
     let mut settings = Vec::new();
@@ -1075,12 +1051,12 @@ pub(crate) fn window_ranges(pos: &Position) -> (Vec<RangeRef>, Vec<Setting>) {
             Some(&w.hi),
         ));
         settings.push(view::Setting {
-            name: format!("{prefix}xip"),
-            value: w.xip_literal(),
+            name: format!("{prefix}floor"),
+            value: w.floor_xid(),
         });
         settings.push(view::Setting {
-            name: format!("{prefix}xmax"),
-            value: w.xmax_xid(),
+            name: format!("{prefix}xids"),
+            value: w.xids_literal(),
         });
     }
     (ranges, settings)

@@ -99,15 +99,26 @@ impl Env {
         standby().url(db)
     }
 
-    /// Wait until the standby has replayed everything the primary has written so far.
+    /// Wait until the standby has replayed everything the primary has written so far (the
+    /// test cluster runs with `synchronous_commit = off`: a commit's WAL is flushed later).
     pub async fn wait_replayed(&self) {
+        // A commit that wrote WAL, with synchronous_commit on, flushes (and so sends) all WAL
+        // before it. Rewriting public's comment is such a write, and changes nothing.
+        self.src
+            .batch_execute(
+                "begin; set local synchronous_commit = on;
+                 comment on schema public is 'standard public schema'; commit",
+            )
+            .await
+            .unwrap();
         let lsn: String = self
             .src
-            .query_one("select pg_current_wal_lsn()::text", &[])
+            .query_one("select pg_current_wal_flush_lsn()::text", &[])
             .await
             .unwrap()
             .get(0);
-        let replica = connect(&self.standby_url()).await;
+        // The test's database may not exist on the standby yet: ask through another one.
+        let replica = connect(&standby().url("postgres")).await;
         let replica = &replica;
         wait_for(60, "the standby to replay the primary's changes", || {
             let lsn = lsn.clone();
