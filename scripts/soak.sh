@@ -24,6 +24,8 @@
 #   scripts/soak.sh --seconds 600   # longer
 #   scripts/soak.sh --short         # about 20 s (the test suite's form); or SOAK_SECONDS=20
 #   scripts/soak.sh --keep          # keep the temporary directory even when it passes
+#   scripts/soak.sh --damage        # before comparing, delete and change a few target rows, to
+#                                   # see that the comparisons catch them (the soak then fails)
 #
 # The binary: $PGTIDE if set; else target/release/pgtide if a release build exists (brought up
 # to date with `cargo build --release`); else a debug build (`cargo build`).
@@ -36,12 +38,14 @@ ROOT=$PWD
 
 SECONDS_TO_WRITE=${SOAK_SECONDS:-120}
 KEEP=0
+DAMAGE=0
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) SECONDS_TO_WRITE=${2:?--seconds needs a number}; shift 2 ;;
     --seconds=*) SECONDS_TO_WRITE=${1#--seconds=}; shift ;;
     --short) SECONDS_TO_WRITE=20; shift ;;
     --keep) KEEP=1; shift ;;
+    --damage) DAMAGE=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "soak: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
@@ -670,6 +674,12 @@ for j in "${JOBS[@]}"; do
   done
 done
 
+if [ "$DAMAGE" = 1 ]; then
+  echo "soak: --damage: deleting 3 rows of dw.orders_ts and changing 2 of dw.replica_ledger_ts"
+  q "$DPORT" dwh -c "delete from dw.orders_ts where id in (select id from dw.orders_ts order by id desc limit 3)" \
+    -c "update dw.replica_ledger_ts set note = note || ' (damaged)' where id in (select id from dw.replica_ledger_ts order by id limit 2)"
+fi
+
 # verify, and the script's own comparison, for every job.
 VERIFY_MISSING=0
 for j in "${JOBS[@]}"; do
@@ -790,6 +800,8 @@ for j in jobs:
         r = reread.get(j, 0)
         b = loaded.get(j, 0) - r
         line += f": {b} past the watermark, {r} re-read by recheck ({(r / b if b else 0):.2f} per row past the watermark)"
+    if verify is not None:
+        line += f"; verify compared {verify.get('compared')}"
     line += f"; own comparison: missing {len(x_missing)}, different {len(x_diff)}, extra {len(x_extra)}"
     print(line)
     problems = []
@@ -798,15 +810,18 @@ for j in jobs:
     if not verify_missing and verify is None:
         err = open(os.path.join(vdir, j + ".err")).read().strip().splitlines()
         problems.append(f"verify failed (exit {vrc}): {err[-1] if err else 'no json'}")
+    elif verify is not None and vrc != ("0" if m + d + e == 0 else "1"):
+        problems.append(f"verify exited {vrc} after counting {m} missing, {d} different, {e} extra")
     if run_rc != "0":
         problems.append(f"the final run-once exited {run_rc}")
     for kind, n in (("missing", m), ("different", d), ("extra", e)):
         if n:
-            ks = keys.get(kind, [])
-            problems.append(f"{n} {kind}, first keys: {', '.join(map(str, ks))}")
-    for kind, ks in (("missing", x_missing), ("different", x_diff), ("extra", x_extra)):
-        if ks and verify is not None:
-            problems.append(f"own comparison: {len(ks)} {kind}, first keys: {', '.join(sample(ks))}")
+            ks = [k if isinstance(k, str) else "(" + ", ".join(map(str, k)) + ")" if len(k) > 1 else str(k[0])
+                  for k in keys.get(kind, [])]
+            problems.append(f"{n} {kind}, first keys: {', '.join(ks)}")
+    for kind, ks, n in (("missing", x_missing, m), ("different", x_diff, d), ("extra", x_extra, e)):
+        if len(ks) != n and verify is not None:
+            problems.append(f"own comparison (verify said {n}): {len(ks)} {kind}, first keys: {', '.join(sample(ks))}")
         if ks and kind != "extra":
             problems.append(f"{kind} rows by the shape that last wrote them: {by_shape(ks, src)}")
     for p in problems:
@@ -818,7 +833,7 @@ if has_reread:
     tr = sum(reread.values())
     tb = sum(loaded.values()) - tr
     print(f"recheck (poll jobs): {tr} rows re-read, {tb} rows read past the watermark: "
-          f"{(tr / tb if tb else 0):.2f} re-read per row loaded")
+          f"{(tr / tb if tb else 0):.2f} re-read per row loaded (runs cut short by a SIGKILL log nothing)")
 else:
     print("recheck: this pgtide does not log `rechecked` on \"caught up\" lines; no figure")
 if failed:
