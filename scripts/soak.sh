@@ -65,7 +65,8 @@ else
   ensure_cargo; cargo build --quiet; PGTIDE=$ROOT/target/debug/pgtide
 fi
 
-# Every session of the script and of pgtide speaks UTC, so row texts compare across clusters.
+# The script's sessions speak UTC (pgtide's set it themselves), so row texts compare across
+# clusters.
 export PGTZ=UTC PGDATESTYLE=ISO PGOPTIONS='-c extra_float_digits=3'
 WORK=$(mktemp -d /tmp/pgtide-soak-XXXXXX)
 if [ "$(id -u)" -eq 0 ]; then chown postgres: "$WORK"; fi
@@ -601,7 +602,7 @@ ev=0
 while [ "$(now_s)" -lt "$END_WRITING" ]; do
   sleep 0.5
   if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
-    wait "$DAEMON_PID"; rc=$?
+    rc=0; wait "$DAEMON_PID" || rc=$?
     DAEMON_DIED+=("exit $rc at $(( $(now_s) - START )) s")
     echo "soak: WARNING: the daemon exited by itself (exit $rc); starting it again" >&2
     start_daemon
