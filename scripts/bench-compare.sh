@@ -22,28 +22,9 @@ trap stop_bench_cluster EXIT
 work=$WORK
 now() { date +%s.%N; }
 
-psql -d postgres -c "create database src" -c "create database dwh"
-psql -d src <<SQL
-create table orders (
-    id bigint primary key, customer_id integer not null, status integer not null,
-    amount numeric(12, 2) not null, payload jsonb not null, updated_at timestamptz not null
-);
-insert into orders
-select g, 1 + g % 50000, 1 + g % 4, round((g % 100000) / 7.0, 2),
-       jsonb_build_object('channel', (array['web','app','phone'])[1 + g % 3]),
-       timestamptz '2025-01-01' + make_interval(secs => g)
-from generate_series(1, $ROWS) g;
-create index on orders (updated_at, id);
-vacuum analyze orders;
-SQL
+bench_orders "$ROWS"
+bench_config "$work/cfg"
 
-mkdir -p "$work/cfg/jobs"
-cat > "$work/cfg/pgtide.toml" <<TOML
-[sources.src]
-url = "postgres://postgres@127.0.0.1:$PORT/src"
-[dwh]
-url = "postgres://postgres@127.0.0.1:$PORT/dwh"
-TOML
 job() { # name
   cat > "$work/cfg/jobs/$1.toml" <<TOML
 interval_secs = 60

@@ -20,30 +20,9 @@ PGTIDE=$PWD/target/release/pgtide
 start_bench_cluster "-c shared_buffers=512MB -c max_wal_size=8GB -c synchronous_commit=off"
 trap stop_bench_cluster EXIT
 work=$WORK
-port=$PORT
 now() { date +%s.%N; }
 
-psql -d postgres -c "create database src" -c "create database dwh"
-echo "generating $ROWS orders-like rows..."
-psql -d src <<SQL
-create table orders (
-    id bigint primary key,
-    customer_id integer not null,
-    status integer not null,
-    quantity integer not null,
-    amount numeric(12, 2) not null,
-    payload jsonb not null,
-    created_at timestamptz not null,
-    updated_at timestamptz not null
-);
-insert into orders
-select g, 1 + g % 50000, 1 + g % 4, 1 + g % 7, round((g % 100000) / 7.0, 2),
-       jsonb_build_object('meta', jsonb_build_object('channel', (array['web','app','phone'])[1 + g % 3], 'campaign', 'c' || g % 100),
-                          'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || g % 1000, 'qty', 1 + g % 5))),
-       timestamptz '2025-01-01' + make_interval(secs => g), timestamptz '2025-01-01' + make_interval(secs => g)
-from generate_series(1, $ROWS) g;
-vacuum analyze orders;
-SQL
+bench_orders "$ROWS"
 cols="id, customer_id, status, quantity, amount, payload, created_at, updated_at"
 psql -d dwh -c "create table orders_base (id bigint primary key, customer_id integer, status integer, quantity integer, amount numeric(12,2), payload jsonb, created_at timestamptz, updated_at timestamptz)"
 psql -d dwh -c checkpoint -d src -c checkpoint >/dev/null
@@ -54,13 +33,7 @@ psql -d src -c "copy (select $cols from orders) to stdout (format binary)" \
 t1=$(now)
 base=$(python3 -c "print($t1 - $t0)")
 
-mkdir -p "$work/cfg/jobs"
-cat > "$work/cfg/pgtide.toml" <<TOML
-[sources.src]
-url = "postgres://postgres@127.0.0.1:$port/src"
-[dwh]
-url = "postgres://postgres@127.0.0.1:$port/dwh"
-TOML
+bench_config "$work/cfg"
 columns=""
 for c in id customer_id status quantity amount payload created_at updated_at; do
   columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'

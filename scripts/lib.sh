@@ -72,3 +72,41 @@ stop_bench_cluster() {
 
 psql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres "$@"; }
 pgbench() { "$BIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres "$@"; }
+
+# The bench's source: databases src and dwh, and in src an orders-like table of $1 rows
+# (integers, numeric, a jsonb payload, timestamps) with an (updated_at, id) index.
+bench_orders() {
+  psql -d postgres -c "create database src" -c "create database dwh"
+  echo "generating $1 orders-like rows..."
+  psql -d src <<SQL
+create table orders (
+    id bigint primary key,
+    customer_id integer not null,
+    status integer not null,
+    quantity integer not null,
+    amount numeric(12, 2) not null,
+    payload jsonb not null,
+    created_at timestamptz not null,
+    updated_at timestamptz not null
+);
+insert into orders
+select g, 1 + g % 50000, 1 + g % 4, 1 + g % 7, round((g % 100000) / 7.0, 2),
+       jsonb_build_object('meta', jsonb_build_object('channel', (array['web','app','phone'])[1 + g % 3], 'campaign', 'c' || g % 100),
+                          'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || g % 1000, 'qty', 1 + g % 5))),
+       timestamptz '2025-01-01' + make_interval(secs => g), timestamptz '2025-01-01' + make_interval(secs => g)
+from generate_series(1, $1) g;
+create index on orders (updated_at, id);
+vacuum analyze orders;
+SQL
+}
+
+# pgtide.toml for the bench cluster in directory $1 (sources.src and the dwh database).
+bench_config() {
+  mkdir -p "$1/jobs"
+  cat > "$1/pgtide.toml" <<TOML
+[sources.src]
+url = "postgres://postgres@127.0.0.1:$PORT/src"
+[dwh]
+url = "postgres://postgres@127.0.0.1:$PORT/dwh"
+TOML
+}
