@@ -3,6 +3,7 @@
 //! Every problem is collected with the file and the dotted field it concerns, so that a user
 //! sees all of them at once (`jobs/orders.toml: column[2].from: ...`).
 
+pub mod names;
 mod raw;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -864,7 +865,7 @@ fn check_identifier(value: &str, field: &str, problems: &mut Problems) {
 /// A notify job names its event table, functions, triggers and channel after itself: the
 /// longest of them must fit in an identifier too.
 fn check_notify_names(job: &str, tables: usize, problems: &mut Problems) {
-    let names = crate::source::notify::object_names(job, tables);
+    let names = names::all(job, tables);
     let Some(longest) = names.iter().max_by_key(|n| n.len()) else {
         return;
     };

@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 
 use tokio_postgres::{Client, Transaction};
 
+use crate::config::names::{self, channel, trigger_prefix};
 use crate::pg::{quote_ident, quote_qualified};
 use crate::view::View;
 
@@ -19,34 +20,7 @@ pub const SCHEMA: &str = "pgtide";
 
 /// The job's event table, quoted.
 pub fn event_table(job: &str) -> String {
-    quote_qualified(SCHEMA, &format!("{job}_events"))
-}
-
-/// The LISTEN/NOTIFY channel of a job (job names are `[a-z0-9_]+`).
-pub fn channel(job: &str) -> String {
-    format!("pgtide_{job}")
-}
-
-/// The prefix of every trigger name of a job, for finding them in the catalog.
-fn trigger_prefix(job: &str) -> String {
-    format!("pgtide_{job}_")
-}
-
-/// The names (unquoted) of what `install` creates for a job whose view reads `tables` tables:
-/// the event table, the functions, the triggers and the NOTIFY channel. Each must fit in a
-/// PostgreSQL identifier; config checks them when it loads the job.
-pub fn object_names(job: &str, tables: usize) -> Vec<String> {
-    let mut names = vec![
-        format!("{job}_events"),
-        format!("{job}_notify"),
-        channel(job),
-    ];
-    for i in 0..tables {
-        names.push(format!("{job}_capture_{i}"));
-        names.push(format!("{}{i}_row", trigger_prefix(job)));
-        names.push(format!("{}{i}_stmt", trigger_prefix(job)));
-    }
-    names
+    quote_qualified(SCHEMA, &names::event_table(job))
 }
 
 /// The DDL `install` runs, in one transaction: readable, idempotent, and keeping the events
@@ -81,11 +55,11 @@ end
 $pgtide$;
 ",
         schema = quote_ident(SCHEMA),
-        notify = quote_ident(&format!("{job}_notify")),
+        notify = quote_ident(&names::notify_function(job)),
         channel = channel(job),
     );
     for (i, (table, cap)) in view.job.tables().zip(&view.captured).enumerate() {
-        let func = quote_ident(&format!("{job}_capture_{i}"));
+        let func = quote_ident(&names::capture_function(job, i));
         let list = |rec: &str| {
             let vals: Vec<String> = cap
                 .columns
@@ -103,7 +77,6 @@ $pgtide$;
             format!("({})", vals.join(", "))
         };
         let target = quote_qualified(&table.name.schema, &table.name.name);
-        let prefix = trigger_prefix(job);
         sql.push_str(&format!(
             "
 -- {target} as {alias}: records ({cols}).
@@ -132,13 +105,13 @@ create trigger {stmt_trigger} after insert or update or delete or truncate on {t
             alias = table.alias,
             cols = cap.columns.join(", "),
             schema = quote_ident(SCHEMA),
-            notify = quote_ident(&format!("{job}_notify")),
+            notify = quote_ident(&names::notify_function(job)),
             new = list("new"),
             old = list("old"),
             old_row = row("old"),
             new_row = row("new"),
-            row_trigger = quote_ident(&format!("{prefix}{i}_row")),
-            stmt_trigger = quote_ident(&format!("{prefix}{i}_stmt")),
+            row_trigger = quote_ident(&names::row_trigger(job, i)),
+            stmt_trigger = quote_ident(&names::statement_trigger(job, i)),
         ));
     }
     sql
@@ -163,7 +136,7 @@ pub async fn uninstall(client: &mut Client, job: &str) -> Result<(), tokio_postg
         "drop table if exists {events};
          drop function if exists {schema}.{notify}();",
         events = event_table(job),
-        notify = quote_ident(&format!("{job}_notify")),
+        notify = quote_ident(&names::notify_function(job)),
     ))
     .await?;
     let funcs = tx
@@ -229,7 +202,7 @@ pub async fn installed(client: &Client, view: &View) -> Result<bool, tokio_postg
                 &format!(
                     "{}.{}",
                     quote_ident(SCHEMA),
-                    quote_ident(&format!("{job}_events"))
+                    quote_ident(&names::event_table(job))
                 ),
                 &format!("{}%", trigger_prefix(job).replace('_', "\\_")),
             ],
@@ -416,7 +389,7 @@ mod tests {
             captured: vec![captured("o", "id"), captured("c", "id")],
         };
         let sql = install_sql(&view);
-        let names = object_names("shop", 2);
+        let names = names::all("shop", 2);
         assert_eq!(names.len(), 9);
         for name in names {
             assert!(
