@@ -23,6 +23,16 @@ ensure_postgres() {
   pg_bindir >/dev/null || { echo "initdb still not found after installing postgresql" >&2; exit 1; }
 }
 
+# systemd-analyze, for tests/systemd.rs (verify and security --offline of the shipped units):
+# Debian's systemd package; no running systemd is needed.
+ensure_systemd_analyze() {
+  if command -v systemd-analyze >/dev/null; then return 0; fi
+  echo "systemd-analyze not found: installing Debian's systemd package" >&2
+  as_root apt-get update -q
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends systemd
+  command -v systemd-analyze >/dev/null || { echo "systemd-analyze still not found after installing systemd" >&2; exit 1; }
+}
+
 # GNU time, for peak memory figures.
 ensure_time() {
   [ -x /usr/bin/time ] && return 0

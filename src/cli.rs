@@ -397,7 +397,13 @@ async fn write_metrics(
         ctx.metrics.waiting(&job.name, waiting);
     }
     let tmp = path.with_extension("tmp");
+    // 0644 whatever the umask (the systemd unit sets 0077): node_exporter reads the file as
+    // another user, and it holds no secrets.
     std::fs::write(&tmp, ctx.metrics.render())
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+        })
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| Failure::failed(format!("--metrics-file {}: {e}", path.display())))
 }

@@ -159,9 +159,20 @@ async fn run_once_writes_a_metrics_file_for_the_textfile_collector() {
         .unwrap();
     env.job("t", "interval_secs = 5\nbatch_size = 5\nkey = [\"id\"]\n[from]\ntable = \"t\"\n[[column]]\nname = \"id\"\nfrom = \"t.id\"\n");
     let file = env.dir.path().join("pgtide.prom");
-    env.pgtide(&["run-once", "--metrics-file", file.to_str().unwrap()])
+    // Under the systemd unit's UMask=0077: node_exporter, another user, must still read it.
+    let pgtide = env.command(&["run-once", "--metrics-file", file.to_str().unwrap()]);
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", "umask 077; exec \"$0\" \"$@\""])
+        .arg(pgtide.as_std().get_program())
+        .args(pgtide.as_std().get_args())
+        .env("RUST_LOG", "pgtide=info")
+        .status()
         .await
-        .ok();
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o644, "{mode:o}");
     let text = std::fs::read_to_string(&file).unwrap();
     for want in [
         "pgtide_rows_written_total{job=\"t\"} 12\n",
