@@ -286,6 +286,14 @@ pub fn explain(
         if let Some(r) = err.downcast_ref::<rustls::Error>() {
             return Some(explain_rustls(r, host, files));
         }
+        // An io::Error's `source` skips the error it wraps: look inside it.
+        if let Some(r) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(explain_rustls(r, host, files));
+        }
         if err.to_string() == "server does not support TLS" {
             return Some("the server refused TLS (it does not accept TLS connections), and sslmode requires it".into());
         }
