@@ -124,10 +124,9 @@ pub async fn connect_raw(
         for ep in &info.endpoints {
             match connect_one(&info, ep, *attrs, application, tls.clone(), &files).await {
                 Ok(pair) => return Ok(pair),
-                // The second pass of prefer-standby repeats hosts: say each once.
-                Err(f) if pass == 0 || !f.0.contains("is not a standby") => {
-                    failures.push((format!("{ep}: {}", f.0), f.1))
-                }
+                // The second pass of prefer-standby repeats the hosts of the first, whose
+                // failures are recorded already.
+                Err(f) if pass == 0 => failures.push((format!("{ep}: {}", f.0), f.1)),
                 Err(_) => {}
             }
         }
