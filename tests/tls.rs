@@ -253,6 +253,12 @@ async fn untrusted_certificates_and_wrong_names_are_said_plainly() {
         assert!(e.contains("unknown CA"), "{mode}: {e}");
         no_password(&e);
     }
+    // prefer: a failed handshake is tried again without TLS, which this server refuses.
+    let e = try_connect(&t.url("localhost", &format!("sslmode=prefer&sslrootcert={wrong}")))
+        .await
+        .unwrap_err();
+    assert!(e.contains("no pg_hba.conf entry"), "{e}");
+    assert!(e.contains("no encryption"), "{e}");
     let e = try_connect(&format!(
         "host=elsewhere.invalid hostaddr=127.0.0.1 port={} user=app password={PASSWORD} dbname=shop sslmode=verify-full sslrootcert={}",
         t.port(),

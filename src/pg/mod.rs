@@ -200,7 +200,16 @@ async fn connect_one(
             }
         }
     }
-    let (client, mut connection) = config.connect(tls).await.map_err(|e| {
+    let mut attempt = config.connect(tls.clone()).await;
+    if let Err(e) = &attempt {
+        // As libpq: under `prefer`, a TLS handshake that fails is tried again without TLS.
+        if info.sslmode == SslMode::Prefer && tls::explain(e, &ep.host, files).is_some() {
+            tracing::debug!(server = %ep, "tls handshake failed under sslmode=prefer: trying without tls");
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            attempt = config.connect(tls).await;
+        }
+    }
+    let (client, mut connection) = attempt.map_err(|e| {
         let retry = classify(&e);
         if let Some(m) = tls::explain(&e, &ep.host, files) {
             return (m, Retry::Permanent);
