@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_cargo
 ensure_postgres
+ensure_openssl
 N=${N:-50}
 cargo build --release --quiet
 PGTIDE=$PWD/target/release/pgtide

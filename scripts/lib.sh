@@ -23,6 +23,13 @@ ensure_postgres() {
   pg_bindir >/dev/null || { echo "initdb still not found after installing postgresql" >&2; exit 1; }
 }
 
+# The openssl command, which the TLS tests and scripts/bench-connect.sh make certificates with
+# (Debian's postgresql package usually brings it along through ssl-cert).
+ensure_openssl() {
+  command -v openssl >/dev/null && return 0
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q openssl
+}
+
 # GNU time, for peak memory figures.
 ensure_time() {
   [ -x /usr/bin/time ] && return 0

@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_cargo
 ensure_postgres
+ensure_openssl
 stop_stale_test_clusters
 cargo test --all-targets "$@"

@@ -557,3 +557,44 @@ async fn the_binary_connects_over_tls_and_never_prints_the_password() {
         "{text}"
     );
 }
+
+/// A primary and its hot standby (no TLS, trust): each `target_session_attrs` finds its kind,
+/// whichever host comes first.
+#[tokio::test]
+async fn target_session_attrs_tell_a_primary_from_a_standby() {
+    let primary = support::cluster();
+    let standby = support::standby();
+    let recovery = |url: String| async move {
+        let client = pgtide::pg::connect(&url, "pgtide:test", "source shop")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r: bool = client
+            .query_one("select pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        r
+    };
+    let hosts = |first: u16, second: u16, attrs: &str| {
+        format!(
+            "postgres://postgres@127.0.0.1:{first},127.0.0.1:{second}/postgres?target_session_attrs={attrs}&sslmode=disable"
+        )
+    };
+    let (p, s) = (primary.port, standby.port);
+    assert!(!recovery(hosts(s, p, "read-write")).await);
+    assert!(!recovery(hosts(s, p, "primary")).await);
+    assert!(recovery(hosts(p, s, "standby")).await);
+    assert!(recovery(hosts(p, s, "read-only")).await);
+    assert!(recovery(hosts(p, s, "prefer-standby")).await);
+    assert!(recovery(hosts(s, p, "any")).await);
+    let e = pgtide::pg::connect(&hosts(s, s, "primary"), "pgtide:test", "dwh")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "127.0.0.1:{s}: server is a standby (target_session_attrs=primary)"
+        )),
+        "{e}"
+    );
+}
