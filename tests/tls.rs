@@ -93,6 +93,11 @@ fn make_certs(dir: &Path) {
             "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
         ),
         (
+            "other",
+            "db.example.com",
+            "subjectAltName=DNS:db.example.com\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        ),
+        (
             "client",
             "certuser",
             "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
@@ -597,4 +602,50 @@ async fn target_session_attrs_tell_a_primary_from_a_standby() {
         )),
         "{e}"
     );
+}
+
+/// A server whose certificate names only `db.example.com`, reached at 127.0.0.1: verify-full
+/// says the name (here an address) does not match; verify-ca, which checks the chain only, and
+/// a Unix socket, which is never encrypted, connect.
+#[tokio::test]
+async fn an_address_the_certificate_does_not_name_fails_verify_full() {
+    let t = tls().await;
+    let other = Cluster::start().unwrap_or_else(|e| panic!("cannot start a test PostgreSQL: {e}"));
+    let read = |n: &str| std::fs::read(t.certs.path().join(n)).unwrap();
+    let crt = other
+        .put_file("server.crt", &read("other.crt"), 0o644)
+        .unwrap();
+    let key = other
+        .put_file("server.key", &read("other.key"), 0o600)
+        .unwrap();
+    other
+        .reconfigure(
+            &format!(
+                "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'",
+                crt.display(),
+                key.display()
+            ),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+    let url = |mode: &str| {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode={mode}&sslrootcert={}",
+            other.port,
+            t.file("ca.crt")
+        )
+    };
+    let e = try_connect(&url("verify-full")).await.unwrap_err();
+    assert!(
+        e.contains("does not match the host name \"127.0.0.1\""),
+        "{e}"
+    );
+    assert!(try_connect(&url("verify-ca")).await.unwrap());
+    let socket = format!(
+        "host={} port={} user=postgres dbname=postgres sslmode=verify-full",
+        other.dir().display(),
+        other.port
+    );
+    assert!(!try_connect(&socket).await.unwrap());
+    other.stop();
 }

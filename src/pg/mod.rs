@@ -114,37 +114,53 @@ pub async fn connect_raw(
         problem,
         retry,
     };
-    let (tls, files) = tls::client_config(&info).map_err(|m| open_err(m, Retry::Permanent))?;
+    // TLS files are read once, and only matter for TCP hosts: a Unix socket is never
+    // encrypted, so a missing root certificate does not stop a socket connection (as libpq).
+    let tcp_tls = tls::client_config(&info);
+    let socket_tls = || {
+        let plain = ConnInfo {
+            sslmode: SslMode::Disable,
+            ..info.clone()
+        };
+        tls::client_config(&plain)
+    };
     let passes: &[SessionAttrs] = match info.target_session_attrs {
         SessionAttrs::PreferStandby => &[SessionAttrs::Standby, SessionAttrs::Any],
         ref a => std::slice::from_ref(a),
     };
-    let mut failures: Vec<(String, Retry)> = Vec::new();
+    let mut failures: Vec<(String, String, Retry)> = Vec::new();
     for (pass, attrs) in passes.iter().enumerate() {
         for ep in &info.endpoints {
-            match connect_one(&info, ep, *attrs, application, tls.clone(), &files).await {
+            let setup = if ep.is_socket() {
+                socket_tls()
+            } else {
+                tcp_tls.clone()
+            };
+            let outcome = match setup {
+                Ok((tls, files)) => connect_one(&info, ep, *attrs, application, tls, &files).await,
+                Err(m) => Err((m, Retry::Permanent)),
+            };
+            match outcome {
                 Ok(pair) => return Ok(pair),
                 // The second pass of prefer-standby repeats the hosts of the first, whose
                 // failures are recorded already.
-                Err(f) if pass == 0 => failures.push((format!("{ep}: {}", f.0), f.1)),
+                Err((m, r)) if pass == 0 => failures.push((ep.to_string(), m, r)),
                 Err(_) => {}
             }
         }
     }
-    let retry = if failures.iter().any(|f| f.1 == Retry::Transient) {
+    let retry = if failures.iter().any(|f| f.2 == Retry::Transient) {
         Retry::Transient
     } else {
         Retry::Permanent
     };
     let problem = if info.endpoints.len() == 1 && failures.len() == 1 {
         // One server: its address is in `target` already.
-        let (m, _) = &failures[0];
-        m.split_once(": ")
-            .map_or(m.clone(), |(_, rest)| rest.to_string())
+        failures[0].1.clone()
     } else {
         failures
             .iter()
-            .map(|f| f.0.as_str())
+            .map(|(ep, m, _)| format!("{ep}: {m}"))
             .collect::<Vec<_>>()
             .join("; ")
     };
@@ -174,6 +190,8 @@ async fn connect_one(
         .keepalives_idle(Duration::from_secs(30))
         .options(session_options(info.options.as_deref()))
         .ssl_mode(match info.sslmode {
+            // As libpq: a Unix socket is never encrypted, whatever sslmode says.
+            _ if ep.is_socket() => tokio_postgres::config::SslMode::Disable,
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
