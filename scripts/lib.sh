@@ -33,6 +33,14 @@ ensure_systemd_analyze() {
   command -v systemd-analyze >/dev/null || { echo "systemd-analyze still not found after installing systemd" >&2; exit 1; }
 }
 
+# The openssl command, which the TLS tests and scripts/bench-connect.sh make certificates with
+# (Debian's postgresql package usually brings it along through ssl-cert).
+ensure_openssl() {
+  command -v openssl >/dev/null && return 0
+  as_root apt-get update -q
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q openssl
+}
+
 # GNU time, for peak memory figures.
 ensure_time() {
   [ -x /usr/bin/time ] && return 0

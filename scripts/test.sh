@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 ensure_postgres
 ensure_systemd_analyze
+ensure_openssl
 stop_stale_test_clusters
 cargo test --all-targets "$@"

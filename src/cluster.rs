@@ -169,6 +169,35 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// Write `name` into the cluster's directory, owned by the server's user, with `mode`: for
+    /// files the server reads itself, such as TLS keys (it refuses a key others may read).
+    pub fn put_file(&self, name: &str, data: &[u8], mode: u32) -> Result<PathBuf, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, data).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if self.as_postgres {
+            run(Command::new("chown").arg("postgres:").arg(&path))?;
+        }
+        Ok(path)
+    }
+
+    /// Add `settings` to `postgresql.conf`, replace `pg_hba.conf` by `hba`, and restart: a
+    /// server with TLS or other authentication than trust.
+    pub fn reconfigure(&self, settings: &str, hba: &str) -> Result<(), String> {
+        use std::io::Write;
+        let data = self.dir.path().join("data");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| f.write_all(format!("\n{settings}\n").as_bytes()))
+            .map_err(|e| format!("postgresql.conf: {e}"))?;
+        std::fs::write(data.join("pg_hba.conf"), hba).map_err(|e| format!("pg_hba.conf: {e}"))?;
+        self.pause()?;
+        self.resume()
+    }
+
     /// Stop the server at once (the data is thrown away anyway).
     pub fn stop(&self) {
         let _ = self.pg(

@@ -53,7 +53,7 @@ impl JobError {
     /// Whether retrying later can succeed (connection trouble, server restarts).
     pub fn retry(&self) -> Retry {
         match self {
-            JobError::Connect(PgError::Connect { source, .. }) => pg::classify(source),
+            JobError::Connect(e) => e.retry(),
             JobError::Source(e)
             | JobError::Sink(SinkError::Db(e))
             | JobError::View(ViewError::Db(e)) => pg::classify(e),

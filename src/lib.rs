@@ -10,7 +10,8 @@
 //! - `state`: the local SQLite store of positions and runs.
 //! - `job`: one run of a job, batch by batch; a notify job followed between drains.
 //! - `daemon`: `pgtide run`: listeners, sweeps, intervals, signals.
-//! - `pg`: connections, quoting, secret-free messages, error classification.
+//! - `pg`: the one connection layer (libpq connection strings, TLS, the password file, several
+//!   hosts), quoting, secret-free messages, error classification.
 //! - `cluster`: a throwaway local PostgreSQL (for `demo` and the tests).
 //! - `demo`: the `pgtide demo` command.
 //! - `import`: InsightForge view documents turned into job files.

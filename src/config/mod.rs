@@ -276,7 +276,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let field = format!("sources.{name}");
         if let Some(s) = problems.parse::<RawSource>(&field, v) {
             check_url(&s.url, &format!("{field}.url"), &mut problems);
-            sources.insert(name, s.url);
+            let url = add_password_file(s.url, s.password_file, &field, &resolve, &mut problems);
+            sources.insert(name, url);
         }
     }
     if sources.is_empty() {
@@ -292,12 +293,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         }
         Some(v) => problems.parse::<RawDwh>("dwh", v).map(|d| {
             check_url(&d.url, "dwh.url", &mut problems);
+            let url = add_password_file(d.url, d.password_file, "dwh", &resolve, &mut problems);
             let schema = d.schema.unwrap_or_else(|| "public".into());
             if schema.is_empty() {
                 problems.push("dwh.schema", "must not be empty");
             }
             check_identifier(&schema, "dwh.schema", &mut problems);
-            DwhConfig { url: d.url, schema }
+            DwhConfig { url, schema }
         }),
     };
     let daemon = match raw.daemon {
@@ -882,14 +884,58 @@ fn check_notify_names(job: &str, tables: usize, problems: &mut Problems) {
 }
 
 fn check_url(url: &str, field: &str, problems: &mut Problems) {
-    if url.parse::<tokio_postgres::Config>().is_err() {
+    if let Err(e) = crate::pg::conninfo::parse(url) {
         problems.push(
             field,
             format!(
-                "not a PostgreSQL connection string: {}",
+                "not a PostgreSQL connection string ({e}): {}",
                 crate::pg::redact(url)
             ),
         );
+    }
+}
+
+/// The url with the password read from `password_file` (systemd's `LoadCredential=` puts one
+/// there): relative to the config file, one trailing newline dropped. A file that cannot be read
+/// is a problem of the field; so is a url that has a password already.
+fn add_password_file(
+    url: String,
+    file: Option<String>,
+    section: &str,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    problems: &mut Problems,
+) -> String {
+    let Some(file) = file else {
+        return url;
+    };
+    let field = format!("{section}.password_file");
+    let path = resolve(&file);
+    let password = match std::fs::read_to_string(&path) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.push(&field, format!("cannot read {}: {e}", path.display()));
+            return url;
+        }
+    };
+    let password = password
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&password);
+    if password.is_empty() {
+        problems.push(&field, format!("{} is empty", path.display()));
+        return url;
+    }
+    match crate::pg::conninfo::parse(&url) {
+        Ok(c) if c.password.is_some() => {
+            problems.push(
+                &field,
+                format!("{section}.url has a password already: give it in one place"),
+            );
+            url
+        }
+        Ok(_) => crate::pg::conninfo::with_password(&url, password),
+        // The url's own problem is reported for its field.
+        Err(_) => url,
     }
 }
 
@@ -1276,6 +1322,43 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("Bad-Name.toml: job name \"Bad-Name\""), "{e}");
+    }
+
+    #[test]
+    fn password_files_are_read_relative_to_the_config_and_named_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("jobs")).unwrap();
+        std::fs::write(dir.path().join("dwh.pw"), "s3cret it's\n").unwrap();
+        let path = dir.path().join("pgtide.toml");
+        std::fs::write(
+            &path,
+            "[sources.a]\nurl = \"host=y user=x dbname=z\"\npassword_file = \"dwh.pw\"\n[dwh]\nurl = \"postgres://x@y/w\"\npassword_file = \"dwh.pw\"\n",
+        )
+        .unwrap();
+        let c = load(&path).unwrap();
+        for url in [&c.sources["a"], &c.dwh.url] {
+            let info = crate::pg::conninfo::parse(url).unwrap();
+            assert_eq!(info.password.as_deref(), Some("s3cret it's"));
+        }
+        std::fs::write(
+            &path,
+            "[sources.a]\nurl = \"postgres://x:pw@y/z\"\npassword_file = \"dwh.pw\"\n[dwh]\nurl = \"postgres://x@y/w\"\npassword_file = \"${PGTIDE_TEST_CREDS_DIR}/missing\"\n",
+        )
+        .unwrap();
+        std::env::set_var("PGTIDE_TEST_CREDS_DIR", dir.path());
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "dwh.password_file: cannot read {}/missing: No such file",
+                dir.path().display()
+            )),
+            "{e}"
+        );
+        assert!(
+            e.contains("sources.a.password_file: sources.a.url has a password already"),
+            "{e}"
+        );
+        assert!(!e.contains("pw@"), "{e}");
     }
 
     #[test]

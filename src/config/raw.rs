@@ -21,12 +21,14 @@ pub struct RawInstance {
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     pub url: String,
+    pub password_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDwh {
     pub url: String,
+    pub password_file: Option<String>,
     pub schema: Option<String>,
 }
 
