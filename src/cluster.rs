@@ -206,6 +206,13 @@ impl Cluster {
         );
     }
 
+    /// Stop the server and remove its files now: for a cluster that is never dropped (one kept
+    /// in a static for a whole test binary, stopped at exit), whose directory would stay.
+    pub fn discard(&self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.path());
+    }
+
     /// Stop the server, keeping its files.
     pub fn pause(&self) -> Result<(), String> {
         self.pg("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])

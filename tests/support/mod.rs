@@ -16,11 +16,13 @@ static STANDBY: OnceLock<Cluster> = OnceLock::new();
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn stop_cluster() {
+    // Statics are never dropped: their directories are removed here, or each test binary
+    // would leave a data directory behind.
     if let Some(c) = STANDBY.get() {
-        c.stop();
+        c.discard();
     }
     if let Some(c) = CLUSTER.get() {
-        c.stop();
+        c.discard();
     }
 }
 
