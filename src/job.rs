@@ -517,10 +517,7 @@ impl Context {
                     .advance_run(&job.name, pos, run, summary.rows as i64)
                     .await?;
             }
-            // Late commits below the watermark have events of their own: no windows to keep.
-            pos.windows.clear();
-            pos.initial_done = true;
-            pos.seq += 1;
+            pos.finish_initial_load();
             let tx = s.dwh.transaction().await.map_err(SinkError::from)?;
             sink::write_position(&tx, &job.name, pos).await?;
             tx.commit().await.map_err(SinkError::from)?;
@@ -744,13 +741,7 @@ impl Context {
         let remote = sink::read_position(&s.dwh, &job.name)
             .await?
             .map_or(0, |p| p.seq);
-        // A notify job loads the rows past the new watermark again, then follows its events.
-        let pos = Position {
-            watermark: to,
-            windows: Vec::new(),
-            seq: local.max(remote) + 1,
-            initial_done: false,
-        };
+        let pos = Position::reset(to, local.max(remote));
         let tx = s.dwh.transaction().await.map_err(SinkError::from)?;
         sink::write_position(&tx, &job.name, &pos).await?;
         tx.commit().await.map_err(SinkError::from)?;

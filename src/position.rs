@@ -332,6 +332,26 @@ impl Position {
         self.seq += 1;
     }
 
+    /// A notify job's load of the rows that existed before its triggers is done. Late commits
+    /// below the watermark have events of their own: no windows to keep.
+    pub fn finish_initial_load(&mut self) {
+        self.windows.clear();
+        self.initial_done = true;
+        self.seq += 1;
+    }
+
+    /// A position set on purpose (`reset`) at `watermark`, after every position stored so far
+    /// (`after_seq`, the highest `seq` of the DWH's and the state store's copies). A notify job
+    /// loads the rows past it again, then follows its events.
+    pub fn reset(watermark: Option<Vec<String>>, after_seq: i64) -> Position {
+        Position {
+            watermark,
+            windows: Vec::new(),
+            seq: after_seq + 1,
+            initial_done: false,
+        }
+    }
+
     /// The lowest floor of the open windows: what a recheck must ask the source about.
     pub fn lowest_floor(&self) -> Option<u64> {
         self.windows.iter().map(|w| w.floor).min()
@@ -719,6 +739,18 @@ mod tests {
         assert_eq!(p.windows[0].floor, 50);
         assert_eq!(p.windows[0].next, 105);
         assert_eq!(p.windows[1].lo, Some(vec![p.windows[0].hi[0].clone()]));
+    }
+
+    #[test]
+    fn a_reset_and_the_end_of_a_first_load_move_seq_forward() {
+        let mut p = Position::default();
+        adv(&mut p, vec!["10".into()], &snap(5, 9, &[5], 9, 1000), false);
+        p.finish_initial_load();
+        assert!(p.initial_done && p.windows.is_empty());
+        assert_eq!(p.seq, 2);
+        let r = Position::reset(Some(vec!["3".into()]), 7);
+        assert_eq!((r.seq, r.initial_done, r.windows.len()), (8, false, 0));
+        assert_eq!(r.watermark, Some(vec!["3".to_string()]));
     }
 
     #[test]
