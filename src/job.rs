@@ -56,6 +56,7 @@ impl JobError {
             JobError::Connect(e) => e.retry(),
             JobError::Source(e)
             | JobError::Sink(SinkError::Db(e))
+            | JobError::Sink(SinkError::Ddl { source: e, .. })
             | JobError::View(ViewError::Db(e)) => pg::classify(e),
             _ => Retry::Permanent,
         }

@@ -29,8 +29,16 @@ pub enum SinkError {
     #[error("dwh: {}", pg::message(.0))]
     Db(#[from] tokio_postgres::Error),
     /// The target exists in a shape the job cannot write to.
-    #[error("target {table}: {message}")]
-    Target { table: String, message: String },
+    #[error("target {table}: {}", .problems.join("; "))]
+    Incompatible { table: String, problems: Vec<String> },
+    /// Creating or changing the target failed; the cause says whether trying again can help
+    /// (a connection dropped during the DDL) or not (privileges).
+    #[error("target {table}: {}", pg::message(.source))]
+    Ddl {
+        table: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// A batch the target cannot take as it is (bad keys).
     #[error("{0}")]
     Data(String),
@@ -257,17 +265,17 @@ pub async fn ensure_target(client: &mut Client, view: &View) -> Result<TargetSta
     let tx = client.transaction().await?;
     let plan = plan_target(&tx, view).await?;
     if !plan.problems.is_empty() {
-        return Err(SinkError::Target {
+        return Err(SinkError::Incompatible {
             table,
-            message: plan.problems.join("; "),
+            problems: plan.problems,
         });
     }
     if let Some(ddl) = plan.ddl {
         tx.batch_execute(&ddl)
             .await
-            .map_err(|e| SinkError::Target {
+            .map_err(|source| SinkError::Ddl {
                 table: table.clone(),
-                message: pg::message(&e),
+                source,
             })?;
         tracing::info!(job = %view.job.name, table = %table, ddl = %ddl, "changed target table");
     }
