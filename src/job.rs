@@ -19,8 +19,8 @@ use crate::sink::{self, SinkError};
 use crate::source::{self, notify};
 pub use crate::state::Tally;
 use crate::state::{StateError, Store};
-use crate::view::sql::RangeRef;
-use crate::view::{self, CheckKind, Setting, View, ViewError};
+use crate::view::range::{Bound, Range};
+use crate::view::{self, CheckKind, View, ViewError};
 
 /// How many distinct unmapped values a run names in its log and record.
 const NAMED_VALUES: usize = 5;
@@ -212,17 +212,12 @@ struct Session {
 impl Session {
     /// A data error of the source's COPY, turned into a message naming the row and value when
     /// a JSON field explains it.
-    async fn explain(
-        &mut self,
-        e: JobError,
-        ranges: &[RangeRef],
-        settings: Vec<Setting>,
-    ) -> JobError {
+    async fn explain(&mut self, e: JobError, bound: &Bound) -> JobError {
         let JobError::Source(pe) = &e else { return e };
         if !pe.code().is_some_and(|c| c.code().starts_with("22")) {
             return e;
         }
-        match source::checks::diagnose(&mut self.source, &self.view, ranges, settings).await {
+        match source::checks::diagnose(&mut self.source, &self.view, bound).await {
             Ok(Some(m)) => JobError::Data(m),
             Ok(None) => e,
             Err(d) => {
@@ -460,22 +455,18 @@ impl Context {
         let unseen = source::unseen(&tx, &snap, snap.xmin)
             .await
             .map_err(JobError::Source)?;
-        let ranges = [RangeRef {
-            prefix: "b".into(),
-            has_lo: lo.is_some(),
-            has_hi: true,
-            recheck: false,
-            keys: false,
-        }];
-        let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
+        let bound = Range::Cursor {
+            lo: lo.as_deref(),
+            hi: Some(&hi),
+        }
+        .bind(&s.view, "b");
         let mut next = pos.clone();
         next.advance(hi, &snap, &unseen, merge);
         let result = apply(
             &tx,
             &mut s.dwh,
             &s.view,
-            &ranges,
-            &settings,
+            &bound,
             Some(&next),
             &mut s.copy_direct,
             None,
@@ -487,7 +478,7 @@ impl Context {
                 *pos = next;
                 Ok(Some(applied))
             }
-            Err(e) => Err(s.explain(e, &ranges, settings).await),
+            Err(e) => Err(s.explain(e, &bound).await),
         }
     }
 
@@ -560,8 +551,7 @@ impl Context {
                 &tx,
                 &mut s.dwh,
                 &s.view,
-                &[RangeRef::all()],
-                &[],
+                &Range::All.bind(&s.view, ""),
                 None,
                 &mut no_direct,
                 Some(sink::Missing::All),
@@ -573,21 +563,12 @@ impl Context {
                 tx.commit().await.map_err(JobError::Source)?;
                 return Ok(Some((changes.events, Applied::default())));
             }
-            let settings: Vec<Setting> = (0..s.view.captured[0].columns.len())
-                .map(|i| Setting {
-                    name: format!("nk{i}"),
-                    value: view::resolve::text_array(
-                        &keys.iter().map(|k| k[i].clone()).collect::<Vec<_>>(),
-                    ),
-                })
-                .collect();
-            let ranges = [RangeRef::keys("n")];
+            let bound = Range::Keys(&keys).bind(&s.view, "n");
             let result = apply(
                 &tx,
                 &mut s.dwh,
                 &s.view,
-                &ranges,
-                &settings,
+                &bound,
                 None,
                 &mut no_direct,
                 Some(sink::Missing::Keys(&keys)),
@@ -597,7 +578,7 @@ impl Context {
                 Ok(a) => Ok(a),
                 Err(e) => {
                     drop(tx);
-                    return Err(s.explain(e, &ranges, settings).await);
+                    return Err(s.explain(e, &bound).await);
                 }
             }
         };
@@ -619,7 +600,7 @@ impl Context {
         let (tx, snap) = source::begin(&mut s.source)
             .await
             .map_err(JobError::Source)?;
-        let (ranges, settings) = window_ranges(pos);
+        let bound = Range::Windows(&pos.windows).bind(&s.view, "");
         let unseen = source::unseen(&tx, &snap, pos.lowest_floor().unwrap_or(snap.xmin))
             .await
             .map_err(JobError::Source)?;
@@ -631,8 +612,7 @@ impl Context {
             &tx,
             &mut s.dwh,
             &s.view,
-            &ranges,
-            &settings,
+            &bound,
             position,
             &mut direct,
             None,
@@ -641,7 +621,7 @@ impl Context {
         drop(tx);
         let applied = match result {
             Ok(a) => a,
-            Err(e) => return Err(s.explain(e, &ranges, settings).await),
+            Err(e) => return Err(s.explain(e, &bound).await),
         };
         if settled.changed {
             *pos = next;
@@ -686,30 +666,17 @@ impl Context {
                         .await
                         .map_err(JobError::Source)?;
                 let Some(hi) = hi else { break };
-                let ranges = [RangeRef {
-                    prefix: "b".into(),
-                    has_lo: lo.is_some(),
-                    has_hi: true,
-                    recheck: false,
-                    keys: false,
-                }];
-                let settings = source::range_settings("b", lo.as_deref(), Some(&hi));
+                let bound = Range::Cursor {
+                    lo: lo.as_deref(),
+                    hi: Some(&hi),
+                }
+                .bind(&s.view, "b");
                 let mut direct = false;
-                let result = apply(
-                    &tx,
-                    &mut s.dwh,
-                    &s.view,
-                    &ranges,
-                    &settings,
-                    None,
-                    &mut direct,
-                    None,
-                )
-                .await;
+                let result = apply(&tx, &mut s.dwh, &s.view, &bound, None, &mut direct, None).await;
                 drop(tx);
                 match result {
                     Ok(applied) => summary.add(applied),
-                    Err(e) => return Err(s.explain(e, &ranges, settings).await),
+                    Err(e) => return Err(s.explain(e, &bound).await),
                 }
                 summary.batches += 1;
                 self.store.progress_run(run, summary.rows as i64).await?;
@@ -864,36 +831,29 @@ async fn normalize(
     }
 }
 
-/// Apply the view rows of `ranges`: straight into the target while `direct` holds, else (and
+/// Apply the view rows of `bound`: straight into the target while `direct` holds, else (and
 /// from the first key found in the target on) through the staging table.
-#[allow(clippy::too_many_arguments)]
 async fn apply(
     source_tx: &tokio_postgres::Transaction<'_>,
     dwh: &mut Client,
     view: &View,
-    ranges: &[RangeRef],
-    settings: &[Setting],
+    bound: &Bound,
     position: Option<&Position>,
     direct: &mut bool,
     missing: Option<sink::Missing<'_>>,
 ) -> Result<Applied, JobError> {
     if *direct && missing.is_none() {
-        if let Some(done) =
-            transfer(source_tx, dwh, view, ranges, settings, position, true, None).await?
-        {
+        if let Some(done) = transfer(source_tx, dwh, view, bound, position, true, None).await? {
             return Ok(done);
         }
         // A key already in the target: this batch (same snapshot) and all that follow stage.
         *direct = false;
     }
-    let done = transfer(
-        source_tx, dwh, view, ranges, settings, position, false, missing,
-    )
-    .await?;
+    let done = transfer(source_tx, dwh, view, bound, position, false, missing).await?;
     Ok(done.expect("only direct copies meet existing keys"))
 }
 
-/// Stream the view rows of `ranges` from the source transaction into the DWH and apply them,
+/// Stream the view rows of `bound` from the source transaction into the DWH and apply them,
 /// writing `position` in the same DWH transaction.
 ///
 /// `direct` copies straight into the target, which only works while no key exists there
@@ -904,20 +864,19 @@ async fn transfer(
     source_tx: &tokio_postgres::Transaction<'_>,
     dwh: &mut Client,
     view: &View,
-    ranges: &[RangeRef],
-    settings: &[Setting],
+    bound: &Bound,
     position: Option<&Position>,
     direct: bool,
     missing: Option<sink::Missing<'_>>,
 ) -> Result<Option<Applied>, JobError> {
-    source::set_settings(source_tx, view, settings.to_vec())
+    source::set_settings(source_tx, view, bound.settings.clone())
         .await
         .map_err(JobError::Source)?;
-    let stats = source::checks::stats(source_tx, view, ranges)
+    let stats = source::checks::stats(source_tx, view, bound)
         .await
         .map_err(JobError::Source)?;
     let tx = dwh.transaction().await.map_err(SinkError::from)?;
-    let out = source::copy_out(source_tx, view, ranges)
+    let out = source::copy_out(source_tx, view, bound)
         .await
         .map_err(JobError::Source)?;
     let copy_in = tx
@@ -998,21 +957,12 @@ pub(crate) async fn apply_keys(
     keys: &[Vec<String>],
     gone: Option<&[Vec<String>]>,
 ) -> Result<RunSummary, JobError> {
-    let settings: Vec<Setting> = (0..view.captured[0].columns.len())
-        .map(|i| Setting {
-            name: format!("nk{i}"),
-            value: view::resolve::text_array(
-                &keys.iter().map(|k| k[i].clone()).collect::<Vec<_>>(),
-            ),
-        })
-        .collect();
     let mut no_direct = false;
     let applied = apply(
         source_tx,
         dwh,
         view,
-        &[RangeRef::keys("n")],
-        &settings,
+        &Range::Keys(keys).bind(view, "n"),
         None,
         &mut no_direct,
         gone.map(sink::Missing::Keys),
@@ -1021,35 +971,4 @@ pub(crate) async fn apply_keys(
     let mut summary = RunSummary::default();
     summary.add(applied);
     Ok(summary)
-}
-
-/// The ranges and settings of a poll job's open windows: the rows `recheck` re-reads, which
-/// `verify` does not count (the job has yet to re-read them).
-pub(crate) fn window_ranges(pos: &Position) -> (Vec<RangeRef>, Vec<Setting>) {
-    let mut ranges = Vec::new();
-    let mut settings = Vec::new();
-    for (i, w) in pos.windows.iter().enumerate() {
-        let prefix = format!("w{i}");
-        ranges.push(RangeRef {
-            prefix: prefix.clone(),
-            has_lo: w.lo.is_some(),
-            has_hi: true,
-            recheck: true,
-            keys: false,
-        });
-        settings.extend(source::range_settings(
-            &prefix,
-            w.lo.as_deref(),
-            Some(&w.hi),
-        ));
-        settings.push(view::Setting {
-            name: format!("{prefix}floor"),
-            value: w.floor_xid(),
-        });
-        settings.push(view::Setting {
-            name: format!("{prefix}xids"),
-            value: w.xids_literal(),
-        });
-    }
-    (ranges, settings)
 }

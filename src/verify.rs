@@ -38,7 +38,8 @@ use crate::pg::quote_ident;
 use crate::position::Position;
 use crate::sink::{self, SinkError};
 use crate::source::{self, notify};
-use crate::view::sql::{self, RangeRef};
+use crate::view::range::Range as Rows;
+use crate::view::sql;
 use crate::view::{Setting, View};
 
 /// How many keys of each kind a report names.
@@ -532,42 +533,34 @@ impl Plan {
         let mut parts = Vec::new();
         let mut settings = Vec::new();
         if let Some((from, to)) = &range {
-            parts.push(sql::predicate(
-                &view,
-                &[RangeRef {
-                    prefix: "vr".into(),
-                    has_lo: from.is_some(),
-                    has_hi: to.is_some(),
-                    recheck: false,
-                    keys: false,
-                }],
-            ));
-            settings.extend(source::range_settings("vr", from.as_deref(), to.as_deref()));
+            let b = Rows::Cursor {
+                lo: from.as_deref(),
+                hi: to.as_deref(),
+            }
+            .bind(&view, "vr");
+            parts.push(b.predicate);
+            settings.extend(b.settings);
         }
         match &reach {
             Reach::Nothing => parts.push("false".into()),
             Reach::All => {}
             Reach::UpTo(w) => {
-                parts.push(sql::predicate(
-                    &view,
-                    &[RangeRef {
-                        prefix: "vm".into(),
-                        has_lo: false,
-                        has_hi: true,
-                        recheck: false,
-                        keys: false,
-                    }],
-                ));
-                settings.extend(source::range_settings("vm", None, Some(w)));
+                let b = Rows::Cursor {
+                    lo: None,
+                    hi: Some(w),
+                }
+                .bind(&view, "vm");
+                parts.push(b.predicate);
+                settings.extend(b.settings);
             }
         }
         // A poll job re-reads the rows of its open windows that late transactions wrote: it
         // has not reached them yet. (A notify job has events for those.)
         if let (Mode::Poll, Some(p)) = (job.mode, pos) {
             if !p.windows.is_empty() {
-                let (ranges, s) = job::window_ranges(p);
-                parts.push(format!("not ({})", sql::predicate(&view, &ranges)));
-                settings.extend(s);
+                let b = Rows::Windows(&p.windows).bind(&view, "vw");
+                parts.push(format!("not ({})", b.predicate));
+                settings.extend(b.settings);
             }
         }
         let scope = if parts.is_empty() {
@@ -1079,21 +1072,17 @@ async fn by_range(
         .await
         .map_err(src)?;
         let Some(hi) = hi else { break };
+        let b = Rows::Cursor {
+            lo: lo.as_deref(),
+            hi: Some(&hi),
+        }
+        .bind(&plan.view, "vb");
         let mut settings = plan.settings.clone();
-        settings.extend(source::range_settings("vb", lo.as_deref(), Some(&hi)));
+        settings.extend(b.settings);
         source::set_settings(&tx, &plan.view, settings)
             .await
             .map_err(src)?;
-        let batch = sql::predicate(
-            &plan.view,
-            &[RangeRef {
-                prefix: "vb".into(),
-                has_lo: lo.is_some(),
-                has_hi: true,
-                recheck: false,
-                keys: false,
-            }],
-        );
+        let batch = b.predicate;
         let q = format!(
             "select array[{}], {} {} where {} and ({batch})",
             plan.src_keys().join(", "),

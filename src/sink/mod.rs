@@ -30,7 +30,10 @@ pub enum SinkError {
     Db(#[from] tokio_postgres::Error),
     /// The target exists in a shape the job cannot write to.
     #[error("target {table}: {}", .problems.join("; "))]
-    Incompatible { table: String, problems: Vec<String> },
+    Incompatible {
+        table: String,
+        problems: Vec<String>,
+    },
     /// Creating or changing the target failed; the cause says whether trying again can help
     /// (a connection dropped during the DDL) or not (privileges).
     #[error("target {table}: {}", pg::message(.source))]

@@ -8,8 +8,9 @@
 use tokio_postgres::{Client, Transaction};
 
 use crate::config::OnError;
-use crate::view::sql::{self, RangeRef};
-use crate::view::{CheckKind, Setting, View};
+use crate::view::range::Bound;
+use crate::view::sql;
+use crate::view::{CheckKind, View};
 
 /// What one check met in a batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -20,13 +21,14 @@ pub struct CheckStat {
     pub values: Vec<String>,
 }
 
-/// Per check of `view` (in order), what the rows of `ranges` meet; empty when nothing is counted.
+/// Per check of `view` (in order), what the rows of `bound` meet (its settings set); empty
+/// when nothing is counted.
 pub async fn stats(
     tx: &Transaction<'_>,
     view: &View,
-    ranges: &[RangeRef],
+    bound: &Bound,
 ) -> Result<Vec<CheckStat>, tokio_postgres::Error> {
-    let Some(q) = sql::check_stats(view, ranges) else {
+    let Some(q) = sql::check_stats(view, &bound.predicate) else {
         return Ok(Vec::new());
     };
     let row = tx.query_one(&q, &[]).await?;
@@ -40,17 +42,16 @@ pub async fn stats(
         .collect())
 }
 
-/// Find the row and value behind a data error in the COPY of `ranges`; `None` when no JSON
+/// Find the row and value behind a data error in the COPY of `bound`; `None` when no JSON
 /// field explains it. Runs in a transaction of its own (the failed one is gone).
 pub async fn diagnose(
     client: &mut Client,
     view: &View,
-    ranges: &[RangeRef],
-    extra: Vec<Setting>,
+    bound: &Bound,
 ) -> Result<Option<String>, tokio_postgres::Error> {
     let tx = client.build_transaction().read_only(true).start().await?;
-    super::set_settings(&tx, view, extra).await?;
-    let rows = sql::rows_of(view, ranges);
+    super::set_settings(&tx, view, bound.settings.clone()).await?;
+    let rows = sql::rows_of(view, &bound.predicate);
     let key = sql::key_text(view);
     let key_names = view.job.key.join(", ");
     for check in &view.checks {

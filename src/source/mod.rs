@@ -13,6 +13,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, CopyOutStream, IsolationLevel, Transaction};
 
 use crate::position::{Horizon, Oldest, Snapshot, Unseen};
+use crate::view::range::Bound;
 use crate::view::{resolve::settings_statement, sql, Setting, View};
 
 /// Start a read transaction and record its snapshot.
@@ -221,20 +222,6 @@ pub async fn count(
     Ok(client.query_one(&q, &params).await?.get(0))
 }
 
-/// Settings for a cursor range: `<prefix>lo<i>` and `<prefix>hi<i>`.
-pub fn range_settings(prefix: &str, lo: Option<&[String]>, hi: Option<&[String]>) -> Vec<Setting> {
-    let mut out = Vec::new();
-    for (side, vals) in [("lo", lo), ("hi", hi)] {
-        for (i, v) in vals.into_iter().flatten().enumerate() {
-            out.push(Setting {
-                name: format!("{prefix}{side}{i}"),
-                value: v.clone(),
-            });
-        }
-    }
-    out
-}
-
 /// Set the view's own settings plus `extra` (range bounds) for this transaction.
 pub async fn set_settings(
     tx: &Transaction<'_>,
@@ -253,9 +240,10 @@ pub async fn set_settings(
 pub async fn copy_out(
     tx: &Transaction<'_>,
     view: &View,
-    ranges: &[sql::RangeRef],
+    bound: &Bound,
 ) -> Result<CopyOutStream, tokio_postgres::Error> {
-    tx.copy_out(sql::copy_out(view, ranges).as_str()).await
+    tx.copy_out(sql::copy_out(view, &bound.predicate).as_str())
+        .await
 }
 
 /// Cast command-line watermark values on the source, so a bad one is refused before anything

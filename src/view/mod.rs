@@ -4,6 +4,7 @@
 //! message naming the table and column when something is missing; `sql` turns the resolved
 //! view into the statements pgtide runs, every identifier quoted.
 
+pub mod range;
 pub mod resolve;
 pub mod sql;
 

@@ -5,6 +5,7 @@
 use crate::config::JoinKind;
 use crate::pg::{quote_ident, quote_qualified};
 
+use super::range::cursor_between;
 use super::View;
 
 /// The custom settings namespace pgtide uses on source sessions.
@@ -53,29 +54,14 @@ pub fn from_joins(view: &View, joins: usize) -> String {
     s
 }
 
-fn cursor_row(view: &View) -> String {
+/// The main table's cursor columns as a row, for row comparisons.
+pub(super) fn cursor_row(view: &View) -> String {
     let cols: Vec<String> = view
         .cursor
         .iter()
         .map(|c| column(&view.job.from.alias, &c.name))
         .collect();
     format!("({})", cols.join(", "))
-}
-
-/// A row of cursor values read from settings `pgtide.<prefix><i>`, cast to the cursor types.
-fn setting_row(view: &View, prefix: &str) -> String {
-    let vals: Vec<String> = view
-        .cursor
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            format!(
-                "current_setting('{SETTING_PREFIX}{prefix}{i}')::{}",
-                c.sql_type
-            )
-        })
-        .collect();
-    format!("({})", vals.join(", "))
 }
 
 /// A row of cursor values from bound parameters `$first..`, sent as text and cast.
@@ -105,16 +91,10 @@ pub fn batch_bound(view: &View, has_lo: bool, has_hi: bool) -> String {
     let desc: Vec<String> = order.iter().map(|c| format!("{c} desc")).collect();
     // Output names differ from c<i>, or `order by c<i>` would sort the text casts.
     let text: Vec<String> = (0..n).map(|i| format!("c{i}::text as t{i}")).collect();
-    let mut preds = Vec::new();
-    let mut next = 1;
-    if has_lo {
-        preds.push(format!("{} > {}", cursor_row(view), param_row(view, next)));
-        next += n;
-    }
-    if has_hi {
-        preds.push(format!("{} <= {}", cursor_row(view), param_row(view, next)));
-        next += n;
-    }
+    let lo = has_lo.then(|| param_row(view, 1));
+    let hi = has_hi.then(|| param_row(view, if has_lo { n + 1 } else { 1 }));
+    let next = 1 + n * (usize::from(has_lo) + usize::from(has_hi));
+    let preds = cursor_between(view, lo.as_deref(), hi.as_deref());
     let pred = if preds.is_empty() {
         String::new()
     } else {
@@ -135,18 +115,9 @@ pub fn batch_bound(view: &View, has_lo: bool, has_hi: bool) -> String {
 /// Parameters: lower bound values (when `has_lo`), then upper bound values (when `has_hi`).
 pub fn count_range(view: &View, has_lo: bool, has_hi: bool) -> String {
     let main = &view.job.from;
-    let mut preds = Vec::new();
-    if has_lo {
-        preds.push(format!("{} > {}", cursor_row(view), param_row(view, 1)));
-    }
-    if has_hi {
-        let first = if has_lo { view.cursor.len() + 1 } else { 1 };
-        preds.push(format!(
-            "{} <= {}",
-            cursor_row(view),
-            param_row(view, first)
-        ));
-    }
+    let lo = has_lo.then(|| param_row(view, 1));
+    let hi = has_hi.then(|| param_row(view, if has_lo { view.cursor.len() + 1 } else { 1 }));
+    let preds = cursor_between(view, lo.as_deref(), hi.as_deref());
     let pred = if preds.is_empty() {
         String::new()
     } else {
@@ -157,45 +128,6 @@ pub fn count_range(view: &View, has_lo: bool, has_hi: bool) -> String {
         quote_qualified(&main.name.schema, &main.name.name),
         quote_ident(&main.alias)
     )
-}
-
-/// A cursor range whose bounds live in settings: `lo<i>` / `hi<i>` under `prefix`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RangeRef {
-    pub prefix: String,
-    pub has_lo: bool,
-    pub has_hi: bool,
-    /// Recheck only rows written by transaction ids at or after setting `<prefix>floor` (an
-    /// xid; `age()` compares ids across wraparound, and frozen rows are the oldest of all),
-    /// or by one of the ids of setting `<prefix>xids` (an xid array).
-    pub recheck: bool,
-    /// Instead of a cursor range: the rows whose main-table key is in the arrays of settings
-    /// `<prefix>k<i>` (notify jobs).
-    pub keys: bool,
-}
-
-impl RangeRef {
-    /// The rows of the main-table keys in settings `<prefix>k<i>`.
-    pub fn keys(prefix: &str) -> RangeRef {
-        RangeRef {
-            prefix: prefix.into(),
-            has_lo: false,
-            has_hi: false,
-            recheck: false,
-            keys: true,
-        }
-    }
-
-    /// Every row of the view.
-    pub fn all() -> RangeRef {
-        RangeRef {
-            prefix: String::new(),
-            has_lo: false,
-            has_hi: false,
-            recheck: false,
-            keys: false,
-        }
-    }
 }
 
 /// `(a, b) in (select * from unnest(<arrays>))`, or `a = any(<array>)` for one column (which
@@ -212,92 +144,24 @@ pub fn in_arrays(exprs: &[String], arrays: &[String]) -> String {
     }
 }
 
-fn range_predicate(view: &View, r: &RangeRef) -> String {
-    if r.keys {
-        let main = &view.captured[0];
-        let exprs: Vec<String> = main.matches.iter().map(|(e, _)| e.clone()).collect();
-        let arrays: Vec<String> = main
-            .matches
-            .iter()
-            .enumerate()
-            .map(|(i, (_, ty))| {
-                format!(
-                    "current_setting('{SETTING_PREFIX}{}k{i}')::{ty}[]",
-                    r.prefix
-                )
-            })
-            .collect();
-        return in_arrays(&exprs, &arrays);
-    }
-    let mut preds = Vec::new();
-    if r.has_lo {
-        preds.push(format!(
-            "{} > {}",
-            cursor_row(view),
-            setting_row(view, &format!("{}lo", r.prefix))
-        ));
-    }
-    if r.has_hi {
-        preds.push(format!(
-            "{} <= {}",
-            cursor_row(view),
-            setting_row(view, &format!("{}hi", r.prefix))
-        ));
-    }
-    if r.recheck {
-        let xmin = column(&view.job.from.alias, "xmin");
-        preds.push(format!(
-            "(age({xmin}) <= age(current_setting('{SETTING_PREFIX}{p}floor')::xid) or {xmin} = any(current_setting('{SETTING_PREFIX}{p}xids')::xid[]))",
-            p = r.prefix
-        ));
-    }
-    if preds.is_empty() {
-        "true".into()
-    } else {
-        preds.join(" and ")
-    }
+/// `from ... where <predicate>`: the view rows of a range (see `range::Bound`).
+pub fn rows_of(view: &View, predicate: &str) -> String {
+    format!("{} where {predicate}", from_clause(view))
 }
 
-/// `from ... where <ranges>`: the view rows of some cursor ranges.
-pub fn rows_of(view: &View, ranges: &[RangeRef]) -> String {
-    let preds: Vec<String> = ranges
-        .iter()
-        .map(|r| format!("({})", range_predicate(view, r)))
-        .collect();
-    let pred = if preds.is_empty() {
-        "true".to_string()
-    } else {
-        preds.join(" or ")
-    };
-    format!("{} where {pred}", from_clause(view))
-}
-
-/// The rows of `ranges` (ORed) as a boolean expression over the view's tables, for queries
-/// that add conditions of their own (`verify`).
-pub fn predicate(view: &View, ranges: &[RangeRef]) -> String {
-    if ranges.is_empty() {
-        return "true".into();
-    }
-    let preds: Vec<String> = ranges
-        .iter()
-        .map(|r| format!("({})", range_predicate(view, r)))
-        .collect();
-    preds.join(" or ")
-}
-
-/// `copy (select <view columns> from ... where <ranges>) to stdout (format binary)`.
-pub fn copy_out(view: &View, ranges: &[RangeRef]) -> String {
+/// `copy (select <view columns> from ... where <predicate>) to stdout (format binary)`.
+pub fn copy_out(view: &View, predicate: &str) -> String {
     let cols: Vec<&str> = view.columns.iter().map(|c| c.expr.as_str()).collect();
     format!(
         "copy (select {} {}) to stdout (format binary)",
         cols.join(", "),
-        rows_of(view, ranges)
+        rows_of(view, predicate)
     )
 }
 
-/// Per check of the view, over the rows of `ranges`: how many values it turned into NULL,
+/// Per check of the view, over the rows of `predicate`: how many values it turned into NULL,
 /// and a few of them. `None` when the view counts nothing.
-pub fn check_stats(view: &View, ranges: &[RangeRef]) -> Option<String> {
+pub fn check_stats(view: &View, predicate: &str) -> Option<String> {
     use super::CheckKind;
     use crate::config::OnError;
     let mut cols = Vec::new();
@@ -325,7 +189,7 @@ pub fn check_stats(view: &View, ranges: &[RangeRef]) -> Option<String> {
         CheckKind::Unmapped { .. } => true,
         CheckKind::Json { on_error, .. } => *on_error == OnError::Null,
     });
-    counts.then(|| format!("select {} {}", cols.join(", "), rows_of(view, ranges)))
+    counts.then(|| format!("select {} {}", cols.join(", "), rows_of(view, predicate)))
 }
 
 /// The main-table keys of the view rows that a change of table `table` (an index into the
@@ -378,6 +242,8 @@ mod tests {
 
     use super::*;
     use crate::config::{parse_job, Problems};
+    use crate::position::Window;
+    use crate::view::range::Range;
     use crate::view::{CursorColumn, ViewColumn};
 
     fn view() -> View {
@@ -451,16 +317,16 @@ mod tests {
     #[test]
     fn copy_reads_bounds_from_settings() {
         let v = view();
-        let sql = copy_out(
-            &v,
-            &[RangeRef {
-                prefix: "b".into(),
-                has_lo: true,
-                has_hi: true,
-                recheck: false,
-                keys: false,
-            }],
+        let (lo, hi) = (
+            vec!["2025-01-01".to_string(), "5".to_string()],
+            vec!["2025-01-02".to_string(), "9".to_string()],
         );
+        let bound = Range::Cursor {
+            lo: Some(&lo),
+            hi: Some(&hi),
+        }
+        .bind(&v, "b");
+        let sql = copy_out(&v, &bound.predicate);
         assert!(
             sql.starts_with("copy (select \"o\".\"id\" from \"Sales\""),
             "{sql}"
@@ -468,38 +334,69 @@ mod tests {
         assert!(sql.contains("(\"o\".\"updated at\", \"o\".\"id\") > (current_setting('pgtide.blo0')::timestamp with time zone, current_setting('pgtide.blo1')::bigint)"), "{sql}");
         assert!(sql.contains("<= (current_setting('pgtide.bhi0')"), "{sql}");
         assert!(sql.ends_with("to stdout (format binary)"), "{sql}");
+        // Every setting the SQL reads is bound, with its value.
+        let names: Vec<(&str, &str)> = bound
+            .settings
+            .iter()
+            .map(|s| (s.name.as_str(), s.value.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("blo0", "2025-01-01"),
+                ("blo1", "5"),
+                ("bhi0", "2025-01-02"),
+                ("bhi1", "9")
+            ]
+        );
     }
 
     #[test]
     fn recheck_windows_are_ored_and_filter_on_xmin() {
         let v = view();
-        let sql = copy_out(
-            &v,
-            &[
-                RangeRef {
-                    prefix: "w0".into(),
-                    has_lo: false,
-                    has_hi: true,
-                    recheck: true,
-                    keys: false,
-                },
-                RangeRef {
-                    prefix: "w1".into(),
-                    has_lo: true,
-                    has_hi: true,
-                    recheck: true,
-                    keys: false,
-                },
-            ],
-        );
+        let window = |lo: Option<Vec<String>>, floor: u64, xids: Vec<u64>| Window {
+            lo,
+            hi: vec!["2025-01-02".into(), "9".into()],
+            floor,
+            xids,
+            next: floor,
+            read_at_us: 0,
+            mark: None,
+        };
+        let windows = [
+            window(None, 700, vec![]),
+            window(
+                Some(vec!["2025-01-01".into(), "5".into()]),
+                800,
+                vec![790, 795],
+            ),
+        ];
+        let bound = Range::Windows(&windows).bind(&v, "");
+        let sql = copy_out(&v, &bound.predicate);
         assert!(
             sql.contains("age(\"o\".\"xmin\") <= age(current_setting('pgtide.w0floor')::xid)"),
             "{sql}"
         );
         assert!(
-            sql.contains("age(\"o\".\"xmin\") <= age(current_setting('pgtide.w1floor')::xid)"),
+            sql.contains("\"o\".\"xmin\" = any(current_setting('pgtide.w1xids')::xid[])"),
             "{sql}"
         );
         assert!(sql.contains(") or ("), "{sql}");
+        assert!(
+            !sql.contains("pgtide.w0lo0"),
+            "the first window is open below: {sql}"
+        );
+        let get = |n: &str| {
+            bound
+                .settings
+                .iter()
+                .find(|s| s.name == n)
+                .map(|s| s.value.clone())
+        };
+        assert_eq!(get("w1floor").as_deref(), Some("800"));
+        assert_eq!(get("w1xids").as_deref(), Some("{790,795}"));
+        assert_eq!(get("w1lo1").as_deref(), Some("5"));
+        assert_eq!(get("w0lo0"), None);
+        assert_eq!(Range::Windows(&[]).bind(&v, "").predicate, "false");
     }
 }

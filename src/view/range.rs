@@ -1,0 +1,143 @@
+//! Which main-table rows a read takes, and the session settings that carry its values: built
+//! together in one place, so the SQL text and the values it reads back always agree.
+//!
+//! COPY takes no parameters, so a range's values travel as settings (`pgtide.<prefix>...`,
+//! set with bound parameters) that its predicate reads back with `current_setting`. Several
+//! ranges in one statement need different prefixes.
+
+use crate::position::Window;
+use crate::view::resolve::text_array;
+
+use super::sql::{column, cursor_row, in_arrays, SETTING_PREFIX};
+use super::{Setting, View};
+
+/// A set of main-table rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Range<'a> {
+    /// Rows whose cursor lies in `(lo, hi]`; a missing bound is open.
+    Cursor {
+        lo: Option<&'a [String]>,
+        hi: Option<&'a [String]>,
+    },
+    /// The rows open recheck windows re-read: in a window's cursor range, and written by a
+    /// transaction the window's snapshot may not have seen (`xmin` at or above its floor, or
+    /// one of its ids; `age()` compares ids across wraparound, frozen rows are the oldest).
+    Windows(&'a [Window]),
+    /// The rows whose main-table key (the notify capture's key columns) is one of these.
+    Keys(&'a [Vec<String>]),
+    /// Every row.
+    All,
+}
+
+/// A range made concrete: a boolean expression over the view's tables, and the settings it
+/// reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bound {
+    pub predicate: String,
+    pub settings: Vec<Setting>,
+}
+
+impl Range<'_> {
+    /// The predicate and settings of this range, its settings named under `prefix`.
+    pub fn bind(&self, view: &View, prefix: &str) -> Bound {
+        let mut settings = Vec::new();
+        let mut set = |name: String, value: String| {
+            settings.push(Setting {
+                name: format!("{prefix}{name}"),
+                value,
+            });
+            format!("current_setting('{SETTING_PREFIX}{prefix}{name}')")
+        };
+        let predicate = match *self {
+            Range::All => "true".to_string(),
+            Range::Cursor { lo, hi } => {
+                let lo = lo.map(|v| cursor_values(view, v, |i, s| set(format!("lo{i}"), s)));
+                let hi = hi.map(|v| cursor_values(view, v, |i, s| set(format!("hi{i}"), s)));
+                all_of(cursor_between(view, lo.as_deref(), hi.as_deref()))
+            }
+            Range::Windows(windows) => {
+                let xmin = column(&view.job.from.alias, "xmin");
+                let each: Vec<String> = windows
+                    .iter()
+                    .enumerate()
+                    .map(|(w, window)| {
+                        let lo = window
+                            .lo
+                            .as_deref()
+                            .map(|v| cursor_values(view, v, |i, s| set(format!("w{w}lo{i}"), s)));
+                        let hi =
+                            cursor_values(view, &window.hi, |i, s| set(format!("w{w}hi{i}"), s));
+                        let floor = set(format!("w{w}floor"), window.floor_xid());
+                        let xids = set(format!("w{w}xids"), window.xids_literal());
+                        let mut preds = cursor_between(view, lo.as_deref(), Some(&hi));
+                        preds.push(format!(
+                            "(age({xmin}) <= age({floor}::xid) or {xmin} = any({xids}::xid[]))"
+                        ));
+                        format!("({})", all_of(preds))
+                    })
+                    .collect();
+                if each.is_empty() {
+                    "false".to_string()
+                } else {
+                    each.join(" or ")
+                }
+            }
+            Range::Keys(keys) => {
+                let main = &view.captured[0];
+                let exprs: Vec<String> = main.matches.iter().map(|(e, _)| e.clone()).collect();
+                let arrays: Vec<String> = main
+                    .matches
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, ty))| {
+                        let values: Vec<String> = keys.iter().map(|k| k[i].clone()).collect();
+                        format!("{}::{ty}[]", set(format!("k{i}"), text_array(&values)))
+                    })
+                    .collect();
+                in_arrays(&exprs, &arrays)
+            }
+        };
+        Bound {
+            predicate,
+            settings,
+        }
+    }
+}
+
+/// A row of cursor values, each bound through `bind(i, value)` (which returns the expression
+/// that reads it) and cast to its cursor column's type.
+fn cursor_values(
+    view: &View,
+    values: &[String],
+    mut bind: impl FnMut(usize, String) -> String,
+) -> String {
+    let vals: Vec<String> = view
+        .cursor
+        .iter()
+        .zip(values)
+        .enumerate()
+        .map(|(i, (c, v))| format!("{}::{}", bind(i, v.clone()), c.sql_type))
+        .collect();
+    format!("({})", vals.join(", "))
+}
+
+/// `cursor > lo` and `cursor <= hi`, compared as rows, for the bounds given.
+pub fn cursor_between(view: &View, lo: Option<&str>, hi: Option<&str>) -> Vec<String> {
+    let cursor = cursor_row(view);
+    let mut preds = Vec::new();
+    if let Some(lo) = lo {
+        preds.push(format!("{cursor} > {lo}"));
+    }
+    if let Some(hi) = hi {
+        preds.push(format!("{cursor} <= {hi}"));
+    }
+    preds
+}
+
+fn all_of(preds: Vec<String>) -> String {
+    if preds.is_empty() {
+        "true".to_string()
+    } else {
+        preds.join(" and ")
+    }
+}
