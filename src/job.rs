@@ -138,33 +138,19 @@ impl Follower {
 
     /// Apply every waiting event; returns how many were taken.
     pub async fn drain_all(&mut self) -> Result<u64, JobError> {
-        let mut events = 0;
-        let name = self.session.view.job.name.clone();
-        loop {
-            if self.ctx.stopping() {
-                break;
-            }
-            let t = Instant::now();
-            let Some((n, applied)) = self.ctx.drain(&mut self.session).await? else {
-                break;
-            };
-            self.ctx.metrics.rows(&name, applied.rows);
-            self.ctx.metrics.batch(&name, t.elapsed().as_secs_f64());
-            events += n as u64;
-            self.summary.events += n as u64;
-            self.summary.add(applied);
-            self.summary.batches += 1;
-        }
-        self.ctx.metrics.fresh(&name);
-        // The run's row count is kept up to date at most once a second: no disk sync per drain.
-        if events > 0 && self.last_progress.elapsed() >= std::time::Duration::from_secs(1) {
-            self.ctx
-                .store
-                .progress_run(self.run, self.summary.rows as i64)
-                .await?;
-            self.last_progress = Instant::now();
-        }
-        Ok(events)
+        let before = self.summary.events;
+        let mut feed = Feed::Events;
+        self.ctx
+            .drive(
+                &mut self.session,
+                self.run,
+                &mut feed,
+                &mut self.summary,
+                &mut self.last_progress,
+            )
+            .await?;
+        self.ctx.metrics.fresh(&self.session.view.job.name);
+        Ok(self.summary.events - before)
     }
 
     /// Record the end of the follow (and why, if it failed) and release the job's lock.
@@ -197,6 +183,20 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Set when the daemon is stopping: runs end at the next batch boundary.
     pub stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What a run's loop (`Context::drive`) takes its steps from.
+enum Feed<'a> {
+    /// Batches past the watermark, each moving the position: a poll job's catch-up, a notify
+    /// job's first load.
+    Watermark(&'a mut Position),
+    /// A notify job's events.
+    Events,
+    /// Batches of `(lo, to]` that leave the position alone (`replay`).
+    Replay {
+        lo: Option<Vec<String>>,
+        to: Option<Vec<String>>,
+    },
 }
 
 /// Connections of one run, the DWH one holding the job's lock.
@@ -400,30 +400,13 @@ impl Context {
             let (applied, dropped) = self.recheck(s, &mut pos).await?;
             let (rows, changed) = (applied.rows, applied.changed);
             summary.rechecked = rows;
-            self.metrics.rows(&job.name, rows);
             self.metrics.rechecked(&job.name, rows);
             summary.add(applied);
             tracing::debug!(job = %job.name, rows, changed, settled = dropped, open = pos.windows.len(), "rechecked windows");
         }
-        loop {
-            if self.stopping() {
-                tracing::info!(job = %job.name, "stopping at a batch boundary");
-                break;
-            }
-            let t = Instant::now();
-            let Some(applied) = self.batch(s, &mut pos, summary.batches > 0).await? else {
-                break;
-            };
-            self.metrics.rows(&job.name, applied.rows);
-            self.metrics.batch(&job.name, t.elapsed().as_secs_f64());
-            let (rows, changed) = (applied.rows, applied.changed);
-            summary.add(applied);
-            summary.batches += 1;
-            self.store
-                .advance_run(&job.name, &pos, run, summary.rows as i64)
-                .await?;
-            tracing::debug!(job = %job.name, rows, changed, ms = t.elapsed().as_millis() as u64, "batch committed");
-        }
+        let mut feed = Feed::Watermark(&mut pos);
+        self.drive(s, run, &mut feed, summary, &mut Instant::now())
+            .await?;
         tracing::info!(
             job = %job.name,
             rows = summary.rows,
@@ -482,6 +465,31 @@ impl Context {
         }
     }
 
+    /// Read and apply the next batch of `(lo, to]` without touching the position; returns what
+    /// was applied and the batch's last cursor value, `None` when no rows remain.
+    async fn replay_batch(
+        &self,
+        s: &mut Session,
+        lo: Option<&[String]>,
+        to: Option<&[String]>,
+    ) -> Result<Option<(Applied, Vec<String>)>, JobError> {
+        let (tx, _) = source::begin(&mut s.source)
+            .await
+            .map_err(JobError::Source)?;
+        let hi = source::batch_bound(&tx, &s.view, lo, to, s.view.job.batch_size)
+            .await
+            .map_err(JobError::Source)?;
+        let Some(hi) = hi else { return Ok(None) };
+        let bound = Range::Cursor { lo, hi: Some(&hi) }.bind(&s.view, "b");
+        let mut direct = false;
+        let result = apply(&tx, &mut s.dwh, &s.view, &bound, None, &mut direct, None).await;
+        drop(tx);
+        match result {
+            Ok(applied) => Ok(Some((applied, hi))),
+            Err(e) => Err(s.explain(e, &bound).await),
+        }
+    }
+
     /// A notify job's run: load the rows that existed before its triggers (once, by
     /// watermark), then apply its events until none are left.
     async fn follow(
@@ -493,21 +501,12 @@ impl Context {
     ) -> Result<(), JobError> {
         let job = s.view.job.clone();
         if !pos.initial_done {
-            loop {
-                if self.stopping() {
-                    return Ok(());
-                }
-                let t = Instant::now();
-                let Some(applied) = self.batch(s, pos, summary.batches > 0).await? else {
-                    break;
-                };
-                self.metrics.rows(&job.name, applied.rows);
-                self.metrics.batch(&job.name, t.elapsed().as_secs_f64());
-                summary.add(applied);
-                summary.batches += 1;
-                self.store
-                    .advance_run(&job.name, pos, run, summary.rows as i64)
-                    .await?;
+            let mut feed = Feed::Watermark(pos);
+            if !self
+                .drive(s, run, &mut feed, summary, &mut Instant::now())
+                .await?
+            {
+                return Ok(());
             }
             pos.finish_initial_load();
             let tx = s.dwh.transaction().await.map_err(SinkError::from)?;
@@ -516,22 +515,70 @@ impl Context {
             self.store.advance(&job.name, pos).await?;
             tracing::info!(job = %job.name, rows = summary.rows, "loaded the existing rows; following events from here");
         }
+        self.drive(s, run, &mut Feed::Events, summary, &mut Instant::now())
+            .await?;
+        Ok(())
+    }
+
+    /// Apply `feed` step by step until it runs dry (`true`) or the run is stopping (`false`),
+    /// doing each step's bookkeeping here and only here: metrics, the run's summary, and the
+    /// state store (the position after every batch that moved it; the run's row count at
+    /// most once a second otherwise, since `last_progress`: no disk sync per drain).
+    async fn drive(
+        &self,
+        s: &mut Session,
+        run: i64,
+        feed: &mut Feed<'_>,
+        summary: &mut RunSummary,
+        last_progress: &mut Instant,
+    ) -> Result<bool, JobError> {
+        let job = s.view.job.clone();
         loop {
             if self.stopping() {
-                break;
+                tracing::info!(job = %job.name, "stopping at a batch boundary");
+                return Ok(false);
             }
             let t = Instant::now();
-            let Some((events, applied)) = self.drain(s).await? else {
+            let step = match feed {
+                Feed::Watermark(pos) => {
+                    let merge = summary.batches > 0;
+                    self.batch(s, pos, merge).await?.map(|a| (a, 0))
+                }
+                Feed::Events => self.drain(s).await?.map(|(n, a)| (a, n as u64)),
+                Feed::Replay { lo, to } => {
+                    match self.replay_batch(s, lo.as_deref(), to.as_deref()).await? {
+                        Some((a, hi)) => {
+                            *lo = Some(hi);
+                            Some((a, 0))
+                        }
+                        None => None,
+                    }
+                }
+            };
+            let Some((applied, events)) = step else {
                 break;
             };
-            self.metrics.rows(&job.name, applied.rows);
+            let (rows, changed) = (applied.rows, applied.changed);
+            self.metrics.rows(&job.name, rows);
             self.metrics.batch(&job.name, t.elapsed().as_secs_f64());
-            summary.events += events as u64;
+            summary.events += events;
             summary.add(applied);
             summary.batches += 1;
-            self.store.progress_run(run, summary.rows as i64).await?;
+            match feed {
+                Feed::Watermark(pos) => {
+                    self.store
+                        .advance_run(&job.name, pos, run, summary.rows as i64)
+                        .await?;
+                }
+                _ if last_progress.elapsed() >= std::time::Duration::from_secs(1) => {
+                    self.store.progress_run(run, summary.rows as i64).await?;
+                    *last_progress = Instant::now();
+                }
+                _ => {}
+            }
+            tracing::debug!(job = %job.name, rows, changed, events, ms = t.elapsed().as_millis() as u64, "batch committed");
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Take one batch of events, re-read the current view rows they point to, apply them (and
@@ -655,36 +702,11 @@ impl Context {
         let from = normalize(&s.source, &s.view, from, "--from").await?;
         let to = normalize(&s.source, &s.view, to, "--to").await?;
         let run = self.store.start_run(&job.name).await?;
-        let result = async {
-            let mut lo = from;
-            loop {
-                let (tx, _) = source::begin(&mut s.source)
-                    .await
-                    .map_err(JobError::Source)?;
-                let hi =
-                    source::batch_bound(&tx, &s.view, lo.as_deref(), to.as_deref(), job.batch_size)
-                        .await
-                        .map_err(JobError::Source)?;
-                let Some(hi) = hi else { break };
-                let bound = Range::Cursor {
-                    lo: lo.as_deref(),
-                    hi: Some(&hi),
-                }
-                .bind(&s.view, "b");
-                let mut direct = false;
-                let result = apply(&tx, &mut s.dwh, &s.view, &bound, None, &mut direct, None).await;
-                drop(tx);
-                match result {
-                    Ok(applied) => summary.add(applied),
-                    Err(e) => return Err(s.explain(e, &bound).await),
-                }
-                summary.batches += 1;
-                self.store.progress_run(run, summary.rows as i64).await?;
-                lo = Some(hi);
-            }
-            Ok(())
-        }
-        .await;
+        let mut feed = Feed::Replay { lo: from, to };
+        let result = self
+            .drive(&mut s, run, &mut feed, &mut summary, &mut Instant::now())
+            .await
+            .map(|_| ());
         let error = result
             .as_ref()
             .err()

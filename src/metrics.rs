@@ -47,7 +47,7 @@ impl Metrics {
         self.with(job, |m| m.rows += n);
     }
 
-    /// Rows a recheck of open windows re-read (also counted in `rows`).
+    /// Rows a recheck of open windows re-read (not counted in `rows`).
     pub fn rechecked(&self, job: &str, n: u64) {
         self.with(job, |m| m.rechecked += n);
     }
@@ -123,7 +123,7 @@ impl Metrics {
         family(
             "pgtide_rows_rechecked_total",
             "counter",
-            "Rows re-read by rechecks of open windows (included in pgtide_rows_written_total).",
+            "Rows re-read by rechecks of open windows (not in pgtide_rows_written_total).",
             &mut |o, j, m| {
                 let _ = writeln!(
                     o,
