@@ -162,7 +162,9 @@ pub async fn run(cli: Cli) -> i32 {
     match result {
         Ok(()) => 0,
         Err(f) => {
-            eprintln!("pgtide: {}", f.message);
+            if !f.message.is_empty() {
+                eprintln!("pgtide: {}", f.message);
+            }
             f.code
         }
     }
@@ -188,13 +190,7 @@ async fn dispatch(command: Command, config: Arc<Config>) -> Result<(), Failure> 
             }
             result
         }
-        Command::Run => match crate::daemon::run(ctx).await {
-            0 => Ok(()),
-            code => Err(Failure {
-                code,
-                message: "stopped with runs unfinished".into(),
-            }),
-        },
+        Command::Run => daemon(ctx).await,
         Command::Status { json, jobs } => status(&ctx, &select(&config, &jobs)?, json).await,
         Command::Replay {
             job,
@@ -406,6 +402,54 @@ async fn write_metrics(
         })
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| Failure::failed(format!("--metrics-file {}: {e}", path.display())))
+}
+
+/// `pgtide run` until a signal stops it. The first SIGINT or SIGTERM fires the one shutdown
+/// signal: no new work, and the runs in hand get `STOP_DEADLINE` to reach a batch boundary
+/// (their open transactions roll back if they do not). A second signal exits at once.
+async fn daemon(ctx: Context) -> Result<(), Failure> {
+    use crate::scheduler::STOP_DEADLINE;
+    let unfinished = || Failure {
+        code: EXIT_FAILED,
+        message: "stopped with runs unfinished".into(),
+    };
+    let mut signals = crate::shutdown::Signals::new()
+        .map_err(|e| Failure::failed(format!("cannot handle signals: {e}")))?;
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let scheduler = crate::scheduler::run(ctx.with_shutdown(shutdown));
+    tokio::pin!(scheduler);
+    tokio::select! {
+        started = &mut scheduler => {
+            // It returns before any signal only when it cannot start.
+            return started.map_err(|e| {
+                tracing::error!(error = %e, "cannot start the scheduler");
+                unfinished()
+            });
+        }
+        () = signals.recv() => {}
+    }
+    tracing::info!("stopping: no new work; finishing the batches in hand");
+    trigger.fire();
+    tokio::select! {
+        stopped = tokio::time::timeout(STOP_DEADLINE, &mut scheduler) => match stopped {
+            Ok(_) => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::error!(
+                    deadline_secs = STOP_DEADLINE.as_secs(),
+                    "runs did not finish within the deadline; exiting anyway (their open transactions roll back)"
+                );
+                Err(unfinished())
+            }
+        },
+        () = signals.recv() => {
+            tracing::warn!("second signal: exiting now");
+            // The log has said it all: nothing more on stderr.
+            Err(Failure { code: 130, message: String::new() })
+        }
+    }
 }
 
 async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {

@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 use crate::config::{Config, JobSpec, Mode};
 use crate::pg::{self, PgError, Retry};
 use crate::position::Position;
+use crate::shutdown::Shutdown;
 use crate::sink::{self, SinkError};
 use crate::source::{self, notify};
 pub use crate::state::Tally;
@@ -181,8 +182,8 @@ pub struct Context {
     pub config: Arc<Config>,
     pub store: Store,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Set when the daemon is stopping: runs end at the next batch boundary.
-    pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Fires when the daemon stops: runs end at the next batch boundary.
+    pub shutdown: Shutdown,
 }
 
 /// What a run's loop (`Context::drive`) takes its steps from.
@@ -241,12 +242,17 @@ impl Context {
             config,
             store,
             metrics: Arc::default(),
-            stopping: Arc::default(),
+            shutdown: Shutdown::never(),
         }
     }
 
+    /// The same context, its runs stopped by `shutdown` (the daemon's).
+    pub fn with_shutdown(self, shutdown: Shutdown) -> Context {
+        Context { shutdown, ..self }
+    }
+
     fn stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+        self.shutdown.is_shutdown()
     }
 
     fn application(job: &JobSpec) -> String {

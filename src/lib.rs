@@ -9,7 +9,9 @@
 //! - `position`: watermarks and the recheck windows that keep them exact.
 //! - `state`: the local SQLite store of positions and runs.
 //! - `job`: one run of a job, batch by batch; a notify job followed between drains.
-//! - `daemon`: `pgtide run`: listeners, sweeps, intervals, signals.
+//! - `scheduler`: `pgtide run`: poll jobs' cron and interval ticks (one run of a job at a
+//!   time), notify jobs followed, one retry-with-backoff for both.
+//! - `shutdown`: the one shutdown signal passed down to every task; SIGINT and SIGTERM.
 //! - `pg`: the one connection layer (libpq connection strings, TLS, the password file, several
 //!   hosts), quoting, secret-free messages, error classification.
 //! - `cluster`: a throwaway local PostgreSQL (for `demo` and the tests).
@@ -22,13 +24,14 @@
 pub mod cli;
 pub mod cluster;
 pub mod config;
-pub mod daemon;
 pub mod demo;
 pub mod import;
 pub mod job;
 pub mod metrics;
 pub mod pg;
 pub mod position;
+pub mod scheduler;
+pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod state;

@@ -217,16 +217,21 @@ impl Metrics {
     }
 }
 
-/// Serve `GET /metrics` and `GET /healthz` on `addr` until the task is dropped.
+/// Serve `GET /metrics` and `GET /healthz` on `addr` until `shutdown` fires (or the task is
+/// dropped).
 pub async fn serve(
     addr: std::net::SocketAddr,
     metrics: std::sync::Arc<Metrics>,
+    mut shutdown: crate::shutdown::Shutdown,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics and /healthz");
     loop {
-        let (mut sock, _) = listener.accept().await?;
+        let (mut sock, _) = tokio::select! {
+            () = shutdown.recv() => return Ok(()),
+            accepted = listener.accept() => accepted?,
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
