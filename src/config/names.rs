@@ -2,6 +2,10 @@
 //! name. They live here, below both config (which checks that each fits in a PostgreSQL
 //! identifier when it loads the job) and the notify source (which creates and finds them).
 
+/// The schema of pgtide's own objects, in the sources (event tables, trigger functions) and
+/// in the DWH (the control table, `try_cast`).
+pub const SCHEMA: &str = "pgtide";
+
 /// The event table (in schema `pgtide`).
 pub fn event_table(job: &str) -> String {
     format!("{job}_events")

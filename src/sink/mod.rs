@@ -11,8 +11,7 @@ use crate::pg::{self, quote_ident, quote_qualified};
 use crate::position::Position;
 use crate::view::View;
 
-/// Schema of pgtide's own tables in the DWH.
-pub const CONTROL_SCHEMA: &str = "pgtide";
+pub use crate::config::names::SCHEMA as CONTROL_SCHEMA;
 /// Session-local staging table the COPY writes into.
 pub const STAGE: &str = "_pgtide_stage";
 pub const LOADED_AT: &str = "_pgtide_loaded_at";

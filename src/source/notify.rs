@@ -16,7 +16,7 @@ use crate::pg::{quote_ident, quote_qualified};
 use crate::view::View;
 
 /// Schema of pgtide's objects in the source.
-pub const SCHEMA: &str = "pgtide";
+pub use crate::config::names::SCHEMA;
 
 /// The job's event table, quoted.
 pub fn event_table(job: &str) -> String {

@@ -8,7 +8,7 @@
 use crate::position::Window;
 use crate::view::resolve::text_array;
 
-use super::sql::{column, cursor_row, in_arrays, SETTING_PREFIX};
+use super::sql::{column, cursor_between, in_arrays, SETTING_PREFIX};
 use super::{Setting, View};
 
 /// A set of main-table rows.
@@ -119,19 +119,6 @@ fn cursor_values(
         .map(|(i, (c, v))| format!("{}::{}", bind(i, v.clone()), c.sql_type))
         .collect();
     format!("({})", vals.join(", "))
-}
-
-/// `cursor > lo` and `cursor <= hi`, compared as rows, for the bounds given.
-pub fn cursor_between(view: &View, lo: Option<&str>, hi: Option<&str>) -> Vec<String> {
-    let cursor = cursor_row(view);
-    let mut preds = Vec::new();
-    if let Some(lo) = lo {
-        preds.push(format!("{cursor} > {lo}"));
-    }
-    if let Some(hi) = hi {
-        preds.push(format!("{cursor} <= {hi}"));
-    }
-    preds
 }
 
 fn all_of(preds: Vec<String>) -> String {

@@ -241,7 +241,7 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
                         if ty != "text" {
                             load = Some(format!(
                                 "{}.try_cast(s.{}, null::{ty})",
-                                quote_ident(crate::sink::CONTROL_SCHEMA),
+                                quote_ident(crate::config::names::SCHEMA),
                                 quote_ident(&c.name)
                             ));
                             stage_type = Some("text".to_string());

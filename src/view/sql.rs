@@ -5,7 +5,6 @@
 use crate::config::JoinKind;
 use crate::pg::{quote_ident, quote_qualified};
 
-use super::range::cursor_between;
 use super::View;
 
 /// The custom settings namespace pgtide uses on source sessions.
@@ -55,13 +54,26 @@ pub fn from_joins(view: &View, joins: usize) -> String {
 }
 
 /// The main table's cursor columns as a row, for row comparisons.
-pub(super) fn cursor_row(view: &View) -> String {
+fn cursor_row(view: &View) -> String {
     let cols: Vec<String> = view
         .cursor
         .iter()
         .map(|c| column(&view.job.from.alias, &c.name))
         .collect();
     format!("({})", cols.join(", "))
+}
+
+/// `cursor > lo` and `cursor <= hi`, compared as rows, for the bounds given.
+pub fn cursor_between(view: &View, lo: Option<&str>, hi: Option<&str>) -> Vec<String> {
+    let cursor = cursor_row(view);
+    let mut preds = Vec::new();
+    if let Some(lo) = lo {
+        preds.push(format!("{cursor} > {lo}"));
+    }
+    if let Some(hi) = hi {
+        preds.push(format!("{cursor} <= {hi}"));
+    }
+    preds
 }
 
 /// A row of cursor values from bound parameters `$first..`, sent as text and cast.
