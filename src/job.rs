@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
 use crate::config::{Config, JobSpec, Mode};
 use crate::pg::{self, PgError, Retry};
 use crate::position::Position;
 use crate::shutdown::Shutdown;
+use crate::sink::dwh::{Batch, Dwh, WriteError};
 use crate::sink::{self, SinkError};
 use crate::source::{self, notify};
 pub use crate::state::Tally;
@@ -229,8 +229,8 @@ impl Session {
     }
 
     /// End the session, releasing the job's lock. A broken connection has lost it already.
-    async fn close(self) {
-        if let Err(e) = sink::unlock(&self.dwh, &self.view.job.name).await {
+    async fn close(mut self) {
+        if let Err(e) = self.dwh.unlock(&self.view.job.name).await {
             tracing::debug!(job = %self.view.job.name, error = %e, "unlock failed; the lock ends with the session");
         }
     }
@@ -276,7 +276,7 @@ impl Context {
     /// Connect both sides, take the job's lock, resolve the view and prepare the target.
     async fn open(&self, job: &Arc<JobSpec>) -> Result<Session, JobError> {
         let mut dwh = self.connect_dwh(job).await?;
-        if !sink::try_lock(&dwh, &job.name).await? {
+        if !dwh.lock(&job.name).await? {
             return Err(JobError::Locked);
         }
         let source = self.connect_source(job).await?;
@@ -288,9 +288,7 @@ impl Context {
         {
             return Err(JobError::NotInstalled);
         }
-        sink::ensure_control(&mut dwh).await?;
-        let target = sink::ensure_target(&mut dwh, &view).await?;
-        sink::create_staging(&dwh, &view).await?;
+        let target = dwh.prepare_target(&view).await?;
         Ok(Session {
             source,
             dwh,
@@ -300,10 +298,10 @@ impl Context {
     }
 
     /// The position to continue from: the DWH's copy wins over SQLite whenever they differ.
-    async fn position(&self, s: &Session) -> Result<Position, JobError> {
+    async fn position(&self, s: &mut Session) -> Result<Position, JobError> {
         let name = &s.view.job.name;
         let local = self.store.position(name).await?;
-        let remote = sink::read_position(&s.dwh, name).await?;
+        let remote = s.dwh.read_position(name).await?;
         let pos = remote.clone().unwrap_or_default();
         if local.as_ref() != remote.as_ref() {
             match (&local, &remote) {
@@ -348,7 +346,7 @@ impl Context {
         let run = self.store.start_run(&job.name).await?;
         let mut summary = RunSummary::default();
         let caught_up = async {
-            let mut pos = self.position(&session).await?;
+            let mut pos = self.position(&mut session).await?;
             self.follow(&mut session, run, &mut pos, &mut summary).await
         }
         .await;
@@ -515,9 +513,7 @@ impl Context {
                 return Ok(());
             }
             pos.finish_initial_load();
-            let tx = s.dwh.transaction().await.map_err(SinkError::from)?;
-            sink::write_position(&tx, &job.name, pos).await?;
-            tx.commit().await.map_err(SinkError::from)?;
+            s.dwh.store_position(&job.name, pos).await?;
             self.store.advance(&job.name, pos).await?;
             tracing::info!(job = %job.name, rows = summary.rows, "loaded the existing rows; following events from here");
         }
@@ -734,13 +730,9 @@ impl Context {
         let mut s = self.open(job).await?;
         let to = normalize(&s.source, &s.view, to, "--to").await?;
         let local = self.store.position(&job.name).await?.map_or(0, |p| p.seq);
-        let remote = sink::read_position(&s.dwh, &job.name)
-            .await?
-            .map_or(0, |p| p.seq);
+        let remote = s.dwh.read_position(&job.name).await?.map_or(0, |p| p.seq);
         let pos = Position::reset(to, local.max(remote));
-        let tx = s.dwh.transaction().await.map_err(SinkError::from)?;
-        sink::write_position(&tx, &job.name, &pos).await?;
-        tx.commit().await.map_err(SinkError::from)?;
+        s.dwh.store_position(&job.name, &pos).await?;
         self.store.overwrite(&job.name, &pos).await?;
         s.close().await;
         Ok(pos)
@@ -903,40 +895,27 @@ async fn transfer(
     let stats = source::checks::stats(source_tx, view, bound)
         .await
         .map_err(JobError::Source)?;
-    let tx = dwh.transaction().await.map_err(SinkError::from)?;
     let out = source::copy_out(source_tx, view, bound)
         .await
         .map_err(JobError::Source)?;
-    let copy_in = tx
-        .copy_in::<_, bytes::Bytes>(sink::copy_in_sql(view, direct).as_str())
-        .await
-        .map_err(SinkError::from)?;
-    futures_util::pin_mut!(out);
-    futures_util::pin_mut!(copy_in);
-    let copied = async {
-        while let Some(chunk) = out.next().await {
-            copy_in
-                .feed(chunk.map_err(JobError::Source)?)
-                .await
-                .map_err(SinkError::from)?;
-        }
-        Ok::<_, JobError>(copy_in.as_mut().finish().await.map_err(SinkError::from)?)
-    }
-    .await;
-    let rows = match copied {
-        Ok(rows) => rows,
-        // A key already in the target, or a batch the target refuses (a NULL or repeated
-        // key): the staged path applies the first and names the row of the others.
-        Err(JobError::Sink(SinkError::Db(e)))
-            if direct && e.code().is_some_and(|c| c.code().starts_with("23")) =>
-        {
+    let batch = Batch {
+        direct,
+        missing,
+        position,
+    };
+    let written = match dwh.write(view, out, batch).await {
+        Ok(w) => w,
+        Err(WriteError::KeyExists) => {
             tracing::info!(job = %view.job.name, "a key is in the target already; staging and upserting from here on");
             return Ok(None);
         }
-        Err(e) => return Err(e),
+        Err(WriteError::Rows(e)) => return Err(JobError::Source(e)),
+        Err(WriteError::Sink(e)) => return Err(JobError::Sink(e)),
     };
     let mut applied = Applied {
-        rows,
+        rows: written.rows,
+        changed: written.changed,
+        deleted: written.deleted,
         ..Applied::default()
     };
     for (check, stat) in view.checks.iter().zip(stats) {
@@ -952,25 +931,11 @@ async fn transfer(
             CheckKind::Json { .. } => t.nulled += stat.nulled,
         }
     }
-    if !direct && rows > 0 {
-        for (column, n) in sink::cast_failures(&tx, view).await? {
-            if n > 0 {
-                applied.tallies.entry(column).or_default().nulled += n;
-            }
+    for (column, n) in written.nulled {
+        if n > 0 {
+            applied.tallies.entry(column).or_default().nulled += n;
         }
     }
-    applied.changed = match (direct, rows) {
-        (true, _) => rows,
-        (false, 0) => 0,
-        (false, _) => sink::upsert(&tx, view).await?,
-    };
-    if let Some(m) = missing {
-        applied.deleted = sink::remove_missing(&tx, view, m).await?;
-    }
-    if let Some(p) = position {
-        sink::write_position(&tx, &view.job.name, p).await?;
-    }
-    tx.commit().await.map_err(SinkError::from)?;
     Ok(Some(applied))
 }
 

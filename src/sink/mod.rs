@@ -11,6 +11,8 @@ use crate::pg::{self, quote_ident, quote_qualified};
 use crate::position::Position;
 use crate::view::View;
 
+pub mod dwh;
+
 pub use crate::config::names::SCHEMA as CONTROL_SCHEMA;
 /// Session-local staging table the COPY writes into.
 pub const STAGE: &str = "_pgtide_stage";

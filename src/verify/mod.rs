@@ -45,6 +45,7 @@ use crate::job::{Context, JobError};
 use crate::pg::quote_ident;
 use crate::position::Position;
 use crate::sink;
+use crate::sink::dwh::Dwh;
 
 pub use error::VerifyError;
 pub use plan::{Options, TEXT_DIGEST};
@@ -66,12 +67,12 @@ pub async fn verify(
     let started = Instant::now();
     let mut dwh = ctx.connect_dwh(job).await?;
     // A repair must never race a run of the job; a plain comparison takes no lock.
-    if opts.repair && !sink::try_lock(&dwh, &job.name).await? {
+    if opts.repair && !dwh.lock(&job.name).await? {
         return Err(JobError::Locked.into());
     }
     let result = run(ctx, job, &opts, &mut dwh).await;
     if opts.repair {
-        if let Err(e) = sink::unlock(&dwh, &job.name).await {
+        if let Err(e) = dwh.unlock(&job.name).await {
             tracing::debug!(job = %job.name, error = %e, "unlock failed; the lock ends with the session");
         }
     }
@@ -94,9 +95,7 @@ async fn run(
         .await
         .map_err(JobError::from)?;
     if opts.repair {
-        sink::ensure_control(dwh).await?;
-        sink::ensure_target(dwh, &view).await?;
-        sink::create_staging(dwh, &view).await?;
+        dwh.prepare_target(&view).await?;
     }
     let pos = position(dwh, &job.name).await?;
     let plan = Plan::new(&source, dwh, view, pos.as_ref(), opts).await?;
@@ -130,7 +129,7 @@ async fn run(
 }
 
 /// The job's position as the DWH holds it (the truth), `None` before its first batch.
-async fn position(dwh: &Client, job: &str) -> Result<Option<Position>, VerifyError> {
+async fn position(dwh: &mut Client, job: &str) -> Result<Option<Position>, VerifyError> {
     let control = format!("{}.positions", quote_ident(sink::CONTROL_SCHEMA));
     let exists: bool = dwh
         .query_one("select to_regclass($1) is not null", &[&control])
@@ -140,7 +139,7 @@ async fn position(dwh: &Client, job: &str) -> Result<Option<Position>, VerifyErr
     if !exists {
         return Ok(None);
     }
-    Ok(sink::read_position(dwh, job).await?)
+    Ok(dwh.read_position(job).await?)
 }
 
 /// One comparison: find the keys that may differ, then read them again on both sides.
