@@ -14,6 +14,7 @@ ensure_cargo
 ensure_postgres
 ensure_time
 ROWS=${ROWS:-1000000}
+BATCH=${BATCH:-10000}
 cargo build --release --quiet
 PGTIDE=$PWD/target/release/pgtide
 
@@ -26,46 +27,7 @@ now() { date +%s.%N; }
 bench_orders "$ROWS"
 
 bench_config "$work/cfg"
-columns=""
-for c in id customer_id status quantity amount payload created_at updated_at; do
-  columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
-done
-printf 'interval_secs = 60\ntarget = "orders_pgtide"\nkey = ["id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' "$columns" > "$work/cfg/jobs/plain.toml"
-cat > "$work/cfg/jobs/mapped.toml" <<TOML
-interval_secs = 60
-target = "orders_mapped"
-key = ["id"]
-[from]
-table = "public.orders"
-as = "o"
-[[column]]
-name = "id"
-from = "o.id"
-[[column]]
-name = "customer_id"
-from = "o.customer_id"
-[[column]]
-name = "status_label"
-from = "o.status"
-map = { "1" = "created", "2" = "processing", "3" = "done" }
-map_default = "other"
-[[column]]
-name = "amount"
-from = "o.amount"
-[[column]]
-name = "channel"
-from = "o.payload"
-json = "meta.channel"
-type = "text"
-[[column]]
-name = "first_qty"
-from = "o.payload"
-json = "items.0.qty"
-type = "integer"
-[[column]]
-name = "updated_at"
-from = "o.updated_at"
-TOML
+bench_jobs "$work/cfg" "$BATCH"
 echo "loading both jobs..."
 "$PGTIDE" --config "$work/cfg/pgtide.toml" run-once plain mapped >/dev/null
 psql -d dwh -c "vacuum analyze" -c checkpoint >/dev/null

@@ -34,47 +34,7 @@ t1=$(now)
 base=$(python3 -c "print($t1 - $t0)")
 
 bench_config "$work/cfg"
-columns=""
-for c in id customer_id status quantity amount payload created_at updated_at; do
-  columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
-done
-printf 'interval_secs = 60\nbatch_size = %s\ntarget = "orders_pgtide"\nkey = ["id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' "$BATCH" "$columns" > "$work/cfg/jobs/plain.toml"
-cat > "$work/cfg/jobs/mapped.toml" <<TOML
-interval_secs = 60
-batch_size = $BATCH
-target = "orders_mapped"
-key = ["id"]
-[from]
-table = "public.orders"
-as = "o"
-[[column]]
-name = "id"
-from = "o.id"
-[[column]]
-name = "customer_id"
-from = "o.customer_id"
-[[column]]
-name = "status_label"
-from = "o.status"
-map = { "1" = "created", "2" = "processing", "3" = "done" }
-map_default = "other"
-[[column]]
-name = "amount"
-from = "o.amount"
-[[column]]
-name = "channel"
-from = "o.payload"
-json = "meta.channel"
-type = "text"
-[[column]]
-name = "first_qty"
-from = "o.payload"
-json = "items.0.qty"
-type = "integer"
-[[column]]
-name = "updated_at"
-from = "o.updated_at"
-TOML
+bench_jobs "$work/cfg" "$BATCH"
 
 run_job() { # job -> prints "seconds peak_kib"
   local t0 t1 rss

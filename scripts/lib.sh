@@ -128,3 +128,49 @@ url = "postgres://postgres@127.0.0.1:$PORT/src"
 url = "postgres://postgres@127.0.0.1:$PORT/dwh"
 TOML
 }
+
+# The bench's two jobs in $1/jobs, with batch_size $2: `plain` (every column as it is, into
+# orders_pgtide) and `mapped` (a value map and two JSON fields, into orders_mapped).
+bench_jobs() {
+  columns=""
+  for c in id customer_id status quantity amount payload created_at updated_at; do
+    columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
+  done
+  printf 'interval_secs = 60\nbatch_size = %s\ntarget = "orders_pgtide"\nkey = ["id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' "$2" "$columns" > "$1/jobs/plain.toml"
+  cat > "$1/jobs/mapped.toml" <<TOML
+interval_secs = 60
+batch_size = $2
+target = "orders_mapped"
+key = ["id"]
+[from]
+table = "public.orders"
+as = "o"
+[[column]]
+name = "id"
+from = "o.id"
+[[column]]
+name = "customer_id"
+from = "o.customer_id"
+[[column]]
+name = "status_label"
+from = "o.status"
+map = { "1" = "created", "2" = "processing", "3" = "done" }
+map_default = "other"
+[[column]]
+name = "amount"
+from = "o.amount"
+[[column]]
+name = "channel"
+from = "o.payload"
+json = "meta.channel"
+type = "text"
+[[column]]
+name = "first_qty"
+from = "o.payload"
+json = "items.0.qty"
+type = "integer"
+[[column]]
+name = "updated_at"
+from = "o.updated_at"
+TOML
+}
