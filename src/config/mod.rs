@@ -93,7 +93,7 @@ pub struct DwhConfig {
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub max_concurrent_jobs: usize,
-    pub metrics_listen: Option<String>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,17 +316,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             if max == 0 {
                 problems.push("daemon.max_concurrent_jobs", "must be at least 1");
             }
-            if let Some(addr) = &d.metrics_listen {
-                if addr.parse::<std::net::SocketAddr>().is_err() {
+            let metrics_listen = d.metrics_listen.as_ref().and_then(|addr| {
+                let parsed = addr.parse::<std::net::SocketAddr>();
+                if parsed.is_err() {
                     problems.push(
                         "daemon.metrics_listen",
                         format!("{addr:?} is not an address like 127.0.0.1:9464"),
                     );
                 }
-            }
+                parsed.ok()
+            });
             DaemonConfig {
                 max_concurrent_jobs: max,
-                metrics_listen: d.metrics_listen,
+                metrics_listen,
             }
         }),
     };

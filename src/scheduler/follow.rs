@@ -1,7 +1,7 @@
 //! Notify jobs followed until the daemon stops: LISTEN, and drain after every (re)connect, on
-//! every notification and on the safety sweep. A failed follow starts over: with backoff when
-//! the failure is transient, after the sweep interval when it is not, and every few seconds
-//! while another pgtide holds the job.
+//! every notification and on the safety sweep (every `interval_secs`, or on the job's
+//! `cron`). A failed follow starts over: with backoff when the failure is transient, at the
+//! next sweep when it is not, and every few seconds while another pgtide holds the job.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,12 +17,45 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How often a notify job held by another pgtide is tried again (a standby on another host).
 const LOCK_RETRY: Duration = Duration::from_secs(5);
 
+/// When a notify job drains its event table without a notification: every `interval_secs`
+/// (default 60 s), or on its `cron`.
+enum Sweep {
+    Every(Duration),
+    Cron(Box<croner::Cron>),
+}
+
+impl Sweep {
+    fn of(job: &JobSpec) -> Sweep {
+        let every = Sweep::Every(Duration::from_secs(DEFAULT_SWEEP_SECS));
+        match &job.schedule {
+            Some(Schedule::Interval(secs)) => Sweep::Every(Duration::from_secs(*secs)),
+            Some(Schedule::Cron(expr)) => croner::Cron::new(expr)
+                .with_seconds_required()
+                .with_dom_and_dow()
+                .parse()
+                .map_or(every, |c| Sweep::Cron(Box::new(c))),
+            None => every,
+        }
+    }
+
+    /// How long from now until the next sweep.
+    fn wait(&self) -> Duration {
+        match self {
+            Sweep::Every(d) => *d,
+            Sweep::Cron(cron) => {
+                let now = chrono::Utc::now();
+                cron.find_next_occurrence(&now, false)
+                    .ok()
+                    .and_then(|next| (next - now).to_std().ok())
+                    .unwrap_or(Duration::from_secs(DEFAULT_SWEEP_SECS))
+            }
+        }
+    }
+}
+
 /// Follow a notify job until the daemon stops.
 pub async fn follow(ctx: Context, job: Arc<JobSpec>) {
-    let sweep = match job.schedule {
-        Some(Schedule::Interval(secs)) => Duration::from_secs(secs),
-        _ => Duration::from_secs(DEFAULT_SWEEP_SECS),
-    };
+    let sweep = Sweep::of(&job);
     let mut shutdown = ctx.shutdown.clone();
     if shutdown.is_shutdown() {
         return;
@@ -33,7 +66,7 @@ pub async fn follow(ctx: Context, job: Arc<JobSpec>) {
         // It got going: a later failure is a new one, waited for from the first wait.
         backoff.reset();
         ctx.metrics.retry_attempt(&job.name, 0);
-        let result = listen_and_drain(&ctx, &mut follower, sweep, ctx.shutdown.clone()).await;
+        let result = listen_and_drain(&ctx, &mut follower, &sweep, ctx.shutdown.clone()).await;
         ctx.metrics.run(&job.name, result.is_ok());
         follower.finish(result.as_ref().err()).await;
         result
@@ -49,8 +82,9 @@ pub async fn follow(ctx: Context, job: Arc<JobSpec>) {
                 LOCK_RETRY
             }
             e => {
-                tracing::error!(job = %job.name, error = %e, retry_in_secs = sweep.as_secs(), "following the job failed");
-                sweep
+                let wait = sweep.wait();
+                tracing::error!(job = %job.name, error = %e, retry_in_secs = wait.as_secs(), "following the job failed");
+                wait
             }
         })
     };
@@ -58,12 +92,12 @@ pub async fn follow(ctx: Context, job: Arc<JobSpec>) {
     let _ = retry::with_backoff(&backoff, &mut shutdown, once, retrying, otherwise).await;
 }
 
-/// LISTEN, then drain: after every (re)connect, on every notification and on the sweep
-/// interval. Returns `Ok` when the daemon stops.
+/// LISTEN, then drain: after every (re)connect, on every notification and on the sweep.
+/// Returns `Ok` when the daemon stops.
 async fn listen_and_drain(
     ctx: &Context,
     f: &mut Follower,
-    sweep: Duration,
+    sweep: &Sweep,
     mut shutdown: Shutdown,
 ) -> Result<(), JobError> {
     let job = f.job().clone();
@@ -74,8 +108,8 @@ async fn listen_and_drain(
         tracing::info!(job = %job.name, "listening");
         // Whatever arrived while nobody listened is in the event table.
         f.drain_all().await?;
-        let mut sweep_tick = tokio::time::interval(sweep);
-        sweep_tick.tick().await;
+        let next_sweep = tokio::time::sleep(sweep.wait());
+        tokio::pin!(next_sweep);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.tick().await;
         loop {
@@ -93,7 +127,8 @@ async fn listen_and_drain(
                     }
                     None => break,
                 },
-                _ = sweep_tick.tick() => {
+                () = &mut next_sweep => {
+                    next_sweep.as_mut().reset(tokio::time::Instant::now() + sweep.wait());
                     let n = f.drain_all().await?;
                     if n > 0 {
                         tracing::info!(job = %job.name, events = n, "the sweep found events no notification announced");
@@ -107,5 +142,41 @@ async fn listen_and_drain(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(schedule: Option<Schedule>) -> JobSpec {
+        let text = r#"
+            mode = "notify"
+            key = ["id"]
+            [from]
+            table = "orders"
+            [[column]]
+            name = "id"
+            from = "orders.id"
+        "#;
+        let sources = [("s".to_string(), "postgres://x@y/z".to_string())].into();
+        let file = std::path::Path::new("jobs/orders.toml");
+        let mut p = crate::config::Problems::new(file);
+        let mut job = crate::config::parse_job(file, text, &sources, "public", &mut p).unwrap();
+        job.schedule = schedule;
+        job
+    }
+
+    #[test]
+    fn a_notify_job_sweeps_on_its_interval_its_cron_or_every_minute() {
+        assert_eq!(Sweep::of(&job(None)).wait(), Duration::from_secs(60));
+        let every = Sweep::of(&job(Some(Schedule::Interval(7))));
+        assert_eq!(every.wait(), Duration::from_secs(7));
+        let cron = Sweep::of(&job(Some(Schedule::Cron("*/2 * * * * *".into()))));
+        assert!(matches!(cron, Sweep::Cron(_)));
+        assert!(cron.wait() <= Duration::from_secs(2), "{:?}", cron.wait());
+        let hourly = Sweep::of(&job(Some(Schedule::Cron("0 0 * * * *".into()))));
+        assert!(hourly.wait() <= Duration::from_secs(3600));
+        assert!(hourly.wait() > Duration::from_secs(0));
     }
 }

@@ -44,8 +44,7 @@ pub enum SchedulerError {
 /// the runs in hand to stop at a batch boundary.
 pub async fn run(ctx: Context) -> Result<(), SchedulerError> {
     let mut shutdown = ctx.shutdown.clone();
-    if let Some(addr) = &ctx.config.daemon.metrics_listen {
-        let addr = addr.parse().expect("validated at load");
+    if let Some(addr) = ctx.config.daemon.metrics_listen {
         let (metrics, shutdown) = (ctx.metrics.clone(), shutdown.clone());
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(addr, metrics, shutdown).await {
