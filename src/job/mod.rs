@@ -120,7 +120,7 @@ impl Session {
     /// a JSON field explains it.
     async fn explain(&mut self, e: JobError, bound: &Bound) -> JobError {
         let JobError::Source(pe) = &e else { return e };
-        if !pe.code().is_some_and(|c| c.code().starts_with("22")) {
+        if pg::refusal(pe) != Some(pg::Refusal::Data) {
             return e;
         }
         match source::checks::diagnose(&mut self.source, &self.view, bound).await {

@@ -321,6 +321,31 @@ pub enum Retry {
     Permanent,
 }
 
+/// What kind of refusal a database error is, beyond retrying: the one place besides
+/// [`classify`] that reads SQLSTATE classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Class 22: a value the statement cannot take (a bad cast, a JSON path through a scalar).
+    Data,
+    /// Class 23: an integrity constraint (a key that exists, a NULL or repeated key).
+    Constraint,
+    /// Any other error the server answered with.
+    Other,
+}
+
+/// The kind of refusal behind `e`; `None` when the server did not answer (no SQLSTATE: the
+/// connection broke or could not be made).
+pub fn refusal(e: &tokio_postgres::Error) -> Option<Refusal> {
+    let code = e.code()?.code();
+    Some(if code.starts_with("22") {
+        Refusal::Data
+    } else if code.starts_with("23") {
+        Refusal::Constraint
+    } else {
+        Refusal::Other
+    })
+}
+
 /// The one place that decides retry policy from a database error: connection trouble,
 /// shutdowns, serialization failures, deadlocks and resource exhaustion pass; syntax,
 /// privileges, missing objects, bad data and statement timeouts do not.

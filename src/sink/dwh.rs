@@ -146,7 +146,8 @@ impl Dwh for Client {
             // A key already in the target, or a batch the target refuses (a NULL or repeated
             // key): the staged path applies the first and names the row of the others.
             Err(WriteError::Sink(SinkError::Db(e)))
-                if batch.direct && e.code().is_some_and(|c| c.code().starts_with("23")) =>
+                if batch.direct
+                    && crate::pg::refusal(&e) == Some(crate::pg::Refusal::Constraint) =>
             {
                 return Err(WriteError::KeyExists);
             }
