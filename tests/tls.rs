@@ -41,7 +41,7 @@ static TLS: OnceCell<Tls> = OnceCell::const_new();
 
 extern "C" fn stop_tls_cluster() {
     if let Some(t) = TLS.get() {
-        t.cluster.stop();
+        t.cluster.discard();
     }
 }
 
