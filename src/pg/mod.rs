@@ -122,7 +122,7 @@ pub async fn connect_raw(
             sslmode: SslMode::Disable,
             ..info.clone()
         };
-        tls::client_config(&plain)
+        tls::client_config(&plain).map_err(|e| e.to_string())
     };
     let passes: &[SessionAttrs] = match info.target_session_attrs {
         SessionAttrs::PreferStandby => &[SessionAttrs::Standby, SessionAttrs::Any],
@@ -134,7 +134,10 @@ pub async fn connect_raw(
             let setup = if ep.is_socket() {
                 socket_tls()
             } else {
-                tcp_tls.clone()
+                tcp_tls
+                    .as_ref()
+                    .map(|(tls, files)| (tls.clone(), files.clone()))
+                    .map_err(ToString::to_string)
             };
             let outcome = match setup {
                 Ok((tls, files)) => connect_one(&info, ep, *attrs, application, tls, &files).await,

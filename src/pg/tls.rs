@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{VerifierBuilderError, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
 
@@ -34,6 +34,64 @@ pub struct TlsFiles {
     pub roots: Option<String>,
 }
 
+/// Why the TLS setup of a connection string cannot be made. The messages are libpq's where it
+/// has one.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rustls refused its own default protocol versions or the client certificate.
+    #[error("{0}")]
+    Config(#[source] rustls::Error),
+    #[error("weak sslmode \"{}\" may not be used with sslrootcert=system (use \"verify-full\")", .0.as_str())]
+    WeakModeWithSystemRoots(SslMode),
+    #[error(
+        "sslrootcert=system: the system has no trusted root certificates (install ca-certificates)"
+    )]
+    NoSystemRoots,
+    /// `verify-ca`/`verify-full` without `sslrootcert` and without the default file.
+    #[error("root certificate file \"{0}\" does not exist; either provide the file, use the system's trusted roots with sslrootcert=system, or change sslmode to disable server certificate verification")]
+    NoRootFile(String),
+    #[error("root certificate file \"{}\" holds no usable certificate ({bad} could not be parsed)", .path.display())]
+    NoUsableRoot { path: PathBuf, bad: usize },
+    #[error("root certificates: {0}")]
+    Roots(#[source] VerifierBuilderError),
+    #[error("client certificate: {0}")]
+    ClientCert(#[source] rustls::Error),
+    /// A certificate or key file that cannot be read.
+    #[error("could not read {what} \"{}\": {source}", .path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate file that is not PEM.
+    #[error("could not parse {what} \"{}\": {source}", .path.display())]
+    Parse {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("{what} \"{}\" holds no PEM certificate", .path.display())]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error("client certificate given without sslkey")]
+    NoKey,
+    #[error("certificate present, but not private key file \"{}\": {source}", .path.display())]
+    KeyMissing {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("private key file \"{}\" has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root", .0.display())]
+    KeyAccess(PathBuf),
+    #[error("could not load private key file \"{}\": {source}", .path.display())]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -44,12 +102,12 @@ fn postgresql_dir() -> Option<PathBuf> {
 
 /// The rustls configuration for a connection string, or why it cannot be made (a missing or
 /// unreadable file, a weak mode with `sslrootcert=system`).
-pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
+pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), TlsError> {
     let provider = provider();
     if info.sslmode == SslMode::Disable {
         let config = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(TlsError::Config)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Verifier {
                 inner: None,
@@ -64,16 +122,13 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
     let roots: Option<RootCertStore> = match info.sslrootcert.as_deref() {
         Some("system") => {
             if info.sslmode != SslMode::VerifyFull {
-                return Err(format!(
-                    "weak sslmode \"{}\" may not be used with sslrootcert=system (use \"verify-full\")",
-                    info.sslmode.as_str()
-                ));
+                return Err(TlsError::WeakModeWithSystemRoots(info.sslmode));
             }
             let found = rustls_native_certs::load_native_certs();
             let mut store = RootCertStore::empty();
             store.add_parsable_certificates(found.certs);
             if store.is_empty() {
-                return Err("sslrootcert=system: the system has no trusted root certificates (install ca-certificates)".into());
+                return Err(TlsError::NoSystemRoots);
             }
             files.roots = Some("the system's trusted roots".into());
             Some(store)
@@ -90,11 +145,10 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
                     Some(load_roots(&p)?)
                 }
                 None if verify => {
-                    return Err(format!(
-                        "root certificate file \"{}\" does not exist; either provide the file, use the system's trusted roots with sslrootcert=system, or change sslmode to disable server certificate verification",
+                    return Err(TlsError::NoRootFile(
                         postgresql_dir()
                             .map(|d| d.join("root.crt").display().to_string())
-                            .unwrap_or_else(|| "~/.postgresql/root.crt".into())
+                            .unwrap_or_else(|| "~/.postgresql/root.crt".into()),
                     ))
                 }
                 None => None,
@@ -105,7 +159,7 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
         Some(store) => Some(
             WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
                 .build()
-                .map_err(|e| format!("root certificates: {e}"))?,
+                .map_err(TlsError::Roots)?,
         ),
         None => None,
     };
@@ -116,42 +170,49 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
     };
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Config)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
     let config = match client_cert(info)? {
         Some((certs, key)) => builder
             .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("client certificate: {e}"))?,
+            .map_err(TlsError::ClientCert)?,
         None => builder.with_no_client_auth(),
     };
     Ok((MakeTls::new(config), files))
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let certs = read_certs(path, "root certificate file")?;
     let mut store = RootCertStore::empty();
     let (_, bad) = store.add_parsable_certificates(certs);
     if store.is_empty() {
-        return Err(format!(
-            "root certificate file \"{}\" holds no usable certificate ({bad} could not be parsed)",
-            path.display()
-        ));
+        return Err(TlsError::NoUsableRoot {
+            path: path.to_path_buf(),
+            bad,
+        });
     }
     Ok(store)
 }
 
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("could not read {what} \"{}\": {e}", path.display()))?;
+fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("could not parse {what} \"{}\": {e}", path.display()))?;
+        .map_err(|source| TlsError::Parse {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{what} \"{}\" holds no PEM certificate",
-            path.display()
-        ));
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
@@ -160,7 +221,7 @@ type ClientCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 /// The client certificate and key: the given files (an error when unreadable), else the default
 /// files when the certificate exists.
-fn client_cert(info: &ConnInfo) -> Result<Option<ClientCert>, String> {
+fn client_cert(info: &ConnInfo) -> Result<Option<ClientCert>, TlsError> {
     let dir = postgresql_dir();
     let cert = match &info.sslcert {
         Some(p) => PathBuf::from(p),
@@ -176,15 +237,13 @@ fn client_cert(info: &ConnInfo) -> Result<Option<ClientCert>, String> {
             // libpq's default key sits beside its default certificate; a given certificate
             // without a key looks for the default key too.
             Some(d) => d.join("postgresql.key"),
-            None => return Err("client certificate given without sslkey".into()),
+            None => return Err(TlsError::NoKey),
         },
     };
     let certs = read_certs(&cert, "client certificate file")?;
-    let meta = std::fs::metadata(&key).map_err(|e| {
-        format!(
-            "certificate present, but not private key file \"{}\": {e}",
-            key.display()
-        )
+    let meta = std::fs::metadata(&key).map_err(|source| TlsError::KeyMissing {
+        path: key.clone(),
+        source,
     })?;
     // As libpq: the key must be private to its owner, or readable by the group only when
     // root owns it (a key installed by a package for a service group).
@@ -195,15 +254,15 @@ fn client_cert(info: &ConnInfo) -> Result<Option<ClientCert>, String> {
         mode & 0o077 == 0
     };
     if !private {
-        return Err(format!(
-            "private key file \"{}\" has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root",
-            key.display()
-        ));
+        return Err(TlsError::KeyAccess(key));
     }
-    let bytes = std::fs::read(&key)
-        .map_err(|e| format!("could not read private key file \"{}\": {e}", key.display()))?;
+    let bytes = std::fs::read(&key).map_err(|source| TlsError::Read {
+        what: "private key file",
+        path: key.clone(),
+        source,
+    })?;
     let key_der = PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|e| format!("could not load private key file \"{}\": {e}", key.display()))?;
+        .map_err(|source| TlsError::Key { path: key, source })?;
     Ok(Some((certs, key_der)))
 }
 
