@@ -48,12 +48,42 @@ pub enum SinkError {
     },
     /// A batch the target cannot take as it is (bad keys).
     #[error("{0}")]
-    Data(String),
+    Data(KeyError),
+    /// The control table holds a position pgtide cannot read.
+    #[error("control table position of job {job} is unreadable: {source}")]
+    UnreadablePosition {
+        job: String,
+        #[source]
+        source: serde_json::Error,
+    },
     /// The control table holds a position at least as new as the one being written: someone
     /// else moved the job on (its lock was lost, or it was taken without the lock). The
     /// caller's transaction must roll back, rows included.
     #[error("position of job {job} would move backwards (seq {seq}, stored {stored}): another pgtide wrote it")]
     Backwards { job: String, seq: i64, stored: i64 },
+}
+
+/// Rows of a batch whose key cannot be a key of the target.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Rows of one batch share a key: a few of the keys, each with its number of rows.
+    #[error("the view's key is not unique: {} in one batch (does a join match several rows?)", repeated(.columns, .keys))]
+    NotUnique {
+        columns: Vec<String>,
+        keys: Vec<(String, i64)>,
+    },
+    /// A row (its start, as JSON) with NULL in a key column.
+    #[error("a view row has NULL in its key ({}): {row}", .columns.join(", "))]
+    Null { columns: Vec<String>, row: String },
+}
+
+/// `(id)=(7) appears 2 times, (id)=(9) appears 3 times`.
+fn repeated(columns: &[String], keys: &[(String, i64)]) -> String {
+    let list = columns.join(", ");
+    keys.iter()
+        .map(|(key, n)| format!("({list})={key} appears {n} times"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Try to take the job's lock for this session; `false` when another session holds it.
@@ -124,11 +154,12 @@ pub async fn read_position(client: &Client, job: &str) -> Result<Option<Position
         None => Ok(None),
         Some(r) => {
             let text: String = r.get(0);
-            serde_json::from_str(&text).map(Some).map_err(|e| {
-                SinkError::Data(format!(
-                    "control table position of job {job} is unreadable: {e}"
-                ))
-            })
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|source| SinkError::UnreadablePosition {
+                    job: job.to_string(),
+                    source,
+                })
         }
     }
 }
@@ -401,7 +432,6 @@ pub async fn upsert(tx: &Transaction<'_>, view: &View) -> Result<u64, SinkError>
             tx.batch_execute("rollback to savepoint pgtide_upsert")
                 .await?;
             let key: Vec<String> = view.job.key.iter().map(|k| quote_ident(k)).collect();
-            let key_list = view.job.key.join(", ");
             let stage = format!("pg_temp.{}", quote_ident(STAGE));
             if code == Some(tokio_postgres::error::SqlState::CARDINALITY_VIOLATION) {
                 let q = format!(
@@ -409,20 +439,10 @@ pub async fn upsert(tx: &Transaction<'_>, view: &View) -> Result<u64, SinkError>
                     k = key.join(", ")
                 );
                 let rows = tx.query(&q, &[]).await?;
-                let dups: Vec<String> = rows
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "({key_list})={} appears {} times",
-                            r.get::<_, String>(0),
-                            r.get::<_, i64>(1)
-                        )
-                    })
-                    .collect();
-                return Err(SinkError::Data(format!(
-                    "the view's key is not unique: {} in one batch (does a join match several rows?)",
-                    dups.join(", ")
-                )));
+                return Err(SinkError::Data(KeyError::NotUnique {
+                    columns: view.job.key.clone(),
+                    keys: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+                }));
             }
             if code == Some(tokio_postgres::error::SqlState::NOT_NULL_VIOLATION) {
                 let nulls: Vec<String> = key.iter().map(|k| format!("{k} is null")).collect();
@@ -431,10 +451,10 @@ pub async fn upsert(tx: &Transaction<'_>, view: &View) -> Result<u64, SinkError>
                     nulls.join(" or ")
                 );
                 if let Some(r) = tx.query_opt(&q, &[]).await? {
-                    return Err(SinkError::Data(format!(
-                        "a view row has NULL in its key ({key_list}): {}",
-                        r.get::<_, String>(0)
-                    )));
+                    return Err(SinkError::Data(KeyError::Null {
+                        columns: view.job.key.clone(),
+                        row: r.get(0),
+                    }));
                 }
             }
             Err(e.into())
