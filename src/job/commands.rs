@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// What a command was asked that the job cannot do.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// A `--from`/`--to` value the source refuses.
+    #[error("{flag}: {source}")]
+    Watermark {
+        flag: String,
+        #[source]
+        source: source::WatermarkValueError,
+    },
+    /// `verify` compares rows by key, and this key column is not among the compared ones.
+    #[error("key column {column} is not a compared column of the view")]
+    KeyNotCompared { column: String },
+}
+
 impl Context {
     /// Read and apply the next batch of `(lo, to]` without touching the position; returns what
     /// was applied and the batch's last cursor value, `None` when no rows remain.
@@ -169,6 +184,11 @@ pub(super) async fn normalize(
         Some(v) => source::normalize(source, view, &v)
             .await
             .map(Some)
-            .map_err(|m| JobError::Input(format!("{flag}: {m}"))),
+            .map_err(|source| {
+                JobError::Input(InputError::Watermark {
+                    flag: flag.to_string(),
+                    source,
+                })
+            }),
     }
 }

@@ -34,6 +34,7 @@ mod follow;
 mod summary;
 mod write;
 
+pub use commands::InputError;
 pub use follow::Follower;
 pub(crate) use summary::Applied;
 pub use summary::RunSummary;
@@ -61,10 +62,10 @@ pub enum JobError {
     NotInstalled,
     /// A value a transform cannot convert, with the row it is in.
     #[error("{0}")]
-    Data(String),
+    Data(Box<source::checks::BadValue>),
     /// A value given on the command line that the job cannot use.
     #[error("{0}")]
-    Input(String),
+    Input(InputError),
 }
 
 impl JobError {

@@ -42,18 +42,56 @@ pub async fn stats(
         .collect())
 }
 
+/// A JSON field of a row that a column with `on_error = "fail"` cannot load: the row (by its
+/// key) and what is wrong with the value.
+#[derive(Debug, thiserror::Error)]
+#[error("column {column} ({origin}): row with key ({})={key}: {problem}", .key_columns.join(", "))]
+pub struct BadValue {
+    pub column: String,
+    /// Where the value comes from: `o.payload json meta.channel`.
+    pub origin: String,
+    pub key_columns: Vec<String>,
+    /// The row's key, as the source writes it as text.
+    pub key: String,
+    pub problem: BadValueProblem,
+}
+
+/// What is wrong with the value of a [`BadValue`].
+#[derive(Debug, thiserror::Error)]
+pub enum BadValueProblem {
+    /// A step of the path is a scalar (or an array where a key is looked up).
+    #[error("{at} is {} {found}, not {wanted}, so {path} cannot be read", article(.found))]
+    NotAContainer {
+        /// `the document`, or the path up to the step.
+        at: String,
+        /// The JSON type found there.
+        found: String,
+        /// `an object`, or `an object or an array` for a numeric step.
+        wanted: &'static str,
+        path: String,
+    },
+    /// The value does not cast to the column's type.
+    #[error("value {value:?} cannot be cast to {ty} ({}); set on_error = \"null\" on the column to load it as NULL", crate::pg::message(.source))]
+    Uncastable {
+        value: String,
+        ty: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
 /// Find the row and value behind a data error in the COPY of `bound`; `None` when no JSON
-/// field explains it. Runs in a transaction of its own (the failed one is gone).
+/// field explains it. Runs in a transaction of its own (the failed one is gone). Boxed: it
+/// travels on inside `JobError`, which stays small.
 pub async fn diagnose(
     client: &mut Client,
     view: &View,
     bound: &Bound,
-) -> Result<Option<String>, tokio_postgres::Error> {
+) -> Result<Option<Box<BadValue>>, tokio_postgres::Error> {
     let tx = client.build_transaction().read_only(true).start().await?;
     super::set_settings(&tx, view, bound.settings.clone()).await?;
     let rows = sql::rows_of(view, &bound.predicate);
     let key = sql::key_text(view);
-    let key_names = view.job.key.join(", ");
     for check in &view.checks {
         let CheckKind::Json {
             raw,
@@ -67,10 +105,15 @@ pub async fn diagnose(
         };
         let shape = check.kind.shape_ok().expect("a json check");
         let steps = check.kind.step_types().expect("a json check");
-        let head = format!(
-            "column {} ({}): row with key ({key_names})={}",
-            check.column, check.origin, "{}"
-        );
+        let bad = |key: String, problem| {
+            Box::new(BadValue {
+                column: check.column.clone(),
+                origin: check.origin.clone(),
+                key_columns: view.job.key.clone(),
+                key,
+                problem,
+            })
+        };
         // A step of the path that is neither an object nor missing.
         let q = format!("select {key}, {steps} {rows} and not {shape} limit 1");
         if let Some(r) = tx.query_opt(&q, &[]).await? {
@@ -93,12 +136,14 @@ pub async fn diagnose(
             } else {
                 "an object"
             };
-            return Ok(Some(format!(
-                "{}: {at} is {} {}, not {want}, so {} cannot be read",
-                head.replace("{}", &r.get::<_, String>(0)),
-                article(&types[k]),
-                types[k],
-                path.join(".")
+            return Ok(Some(bad(
+                r.get(0),
+                BadValueProblem::NotAContainer {
+                    at,
+                    found: types[k].clone(),
+                    wanted: want,
+                    path: path.join("."),
+                },
             )));
         }
         // A value that does not cast: bisect the batch's distinct values.
@@ -109,16 +154,20 @@ pub async fn diagnose(
             .await?
             .get::<_, Option<Vec<String>>>(0)
             .unwrap_or_default();
-        if let Some((bad, reason)) = first_uncastable(&tx, &values, ty).await? {
+        if let Some((value, source)) = first_uncastable(&tx, &values, ty).await? {
             let q = format!("select {key} {rows} and {shape} and {raw} = $1 limit 1");
             let who = tx
-                .query_opt(&q, &[&bad])
+                .query_opt(&q, &[&value])
                 .await?
                 .map(|r| r.get::<_, String>(0))
                 .unwrap_or_default();
-            return Ok(Some(format!(
-                "{}: value {bad:?} cannot be cast to {ty} ({reason}); set on_error = \"null\" on the column to load it as NULL",
-                head.replace("{}", &who)
+            return Ok(Some(bad(
+                who,
+                BadValueProblem::Uncastable {
+                    value,
+                    ty: ty.clone(),
+                    source,
+                },
             )));
         }
     }
@@ -133,16 +182,16 @@ fn article(word: &str) -> &'static str {
     }
 }
 
-/// The first of `values` that does not cast to `ty`, with the server's reason, found with a
+/// The first of `values` that does not cast to `ty`, with the server's refusal, found with a
 /// few array casts instead of one query per value.
 async fn first_uncastable(
     tx: &Transaction<'_>,
     values: &[String],
     ty: &str,
-) -> Result<Option<(String, String)>, tokio_postgres::Error> {
+) -> Result<Option<(String, tokio_postgres::Error)>, tokio_postgres::Error> {
     let q = format!("select ($1::text[])::{ty}[] is not null");
     let mut candidates = values;
-    let mut reason = String::new();
+    let mut reason = None;
     if !fails(tx, &q, candidates, &mut reason).await? {
         return Ok(None);
     }
@@ -155,15 +204,16 @@ async fn first_uncastable(
         };
     }
     fails(tx, &q, candidates, &mut reason).await?;
-    Ok(candidates.first().map(|v| (v.clone(), reason)))
+    Ok(candidates.first().cloned().zip(reason))
 }
 
-/// Whether casting `values` fails; each try runs in a savepoint so the transaction survives.
+/// Whether casting `values` fails (keeping the server's refusal in `reason`); each try runs in
+/// a savepoint so the transaction survives.
 async fn fails(
     tx: &Transaction<'_>,
     q: &str,
     values: &[String],
-    reason: &mut String,
+    reason: &mut Option<tokio_postgres::Error>,
 ) -> Result<bool, tokio_postgres::Error> {
     tx.batch_execute("savepoint pgtide_cast").await?;
     let result = tx.query_one(q, &[&values]).await;
@@ -172,7 +222,7 @@ async fn fails(
     match result {
         Ok(_) => Ok(false),
         Err(e) if e.code().is_some() => {
-            *reason = crate::pg::message(&e);
+            *reason = Some(e);
             Ok(true)
         }
         Err(e) => Err(e),

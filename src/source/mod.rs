@@ -246,28 +246,47 @@ pub async fn copy_out(
         .await
 }
 
+/// Why the source refused a watermark value given on the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum WatermarkValueError {
+    /// Not one value per watermark column.
+    #[error("the watermark has {} column(s) ({}), the value has {given}", .columns.len(), .columns.join(", "))]
+    Arity { columns: Vec<String>, given: usize },
+    /// A value the source cannot cast to its column's type.
+    #[error("{value:?} for {column}: {}", crate::pg::message(.source))]
+    Cast {
+        value: String,
+        column: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
 /// Cast command-line watermark values on the source, so a bad one is refused before anything
 /// runs; returns them in the source's canonical text form.
 pub async fn normalize(
     client: &Client,
     view: &View,
     values: &[String],
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, WatermarkValueError> {
     if values.len() != view.cursor.len() {
-        let names: Vec<&str> = view.cursor.iter().map(|c| c.name.as_str()).collect();
-        return Err(format!(
-            "the watermark has {} column(s) ({}), the value has {}",
-            names.len(),
-            names.join(", "),
-            values.len()
-        ));
+        return Err(WatermarkValueError::Arity {
+            columns: view.cursor.iter().map(|c| c.name.clone()).collect(),
+            given: values.len(),
+        });
     }
     let mut out = Vec::new();
     for (v, c) in values.iter().zip(&view.cursor) {
         let q = format!("select ($1::text::{})::text", c.sql_type);
         match client.query_one(&q, &[v]).await {
             Ok(row) => out.push(row.get(0)),
-            Err(e) => return Err(format!("{v:?} for {}: {}", c.name, crate::pg::message(&e))),
+            Err(source) => {
+                return Err(WatermarkValueError::Cast {
+                    value: v.clone(),
+                    column: c.name.clone(),
+                    source,
+                })
+            }
         }
     }
     Ok(out)

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use tokio_postgres::{Client, Row};
 
 use crate::config::{ColumnKind, Mode, OnDelete};
-use crate::job::JobError;
+use crate::job::{InputError, JobError};
 use crate::pg::quote_ident;
 use crate::position::Position;
 use crate::sink;
@@ -43,7 +43,13 @@ async fn normalize(
         Some(v) => source::normalize(source, view, v)
             .await
             .map(Some)
-            .map_err(|m| JobError::Input(format!("{flag}: {m}")).into()),
+            .map_err(|source| {
+                JobError::Input(InputError::Watermark {
+                    flag: flag.to_string(),
+                    source,
+                })
+                .into()
+            }),
     }
 }
 
@@ -208,10 +214,9 @@ impl Plan {
             match cols.iter().position(|c| &c.name == k) {
                 Some(i) => key.push(i),
                 None => {
-                    return Err(JobError::Input(format!(
-                        "key column {k} is not a compared column of the view"
-                    ))
-                    .into())
+                    return Err(
+                        JobError::Input(InputError::KeyNotCompared { column: k.clone() }).into(),
+                    )
                 }
             }
         }
