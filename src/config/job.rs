@@ -73,8 +73,8 @@ pub fn parse_job(
         }
         (Some(c), None) => match validate_cron(c) {
             Ok(()) => Some(Schedule::Cron(c.clone())),
-            Err(m) => {
-                problems.push("cron", m);
+            Err(e) => {
+                problems.push("cron", e.to_string());
                 None
             }
         },
@@ -507,19 +507,36 @@ pub(super) fn check_notify_names(job: &str, tables: usize, problems: &mut Proble
     }
 }
 
+/// Why a `cron` value is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CronError {
+    #[error("{expr:?} has {fields} fields; pgtide wants six, seconds first: \"sec min hour day-of-month month day-of-week\"")]
+    Fields { expr: String, fields: usize },
+    #[error("{expr:?} is not a cron schedule: {source}")]
+    Invalid {
+        expr: String,
+        #[source]
+        source: croner::errors::CronError,
+    },
+}
+
 /// Six fields, seconds first (an optional seventh is the year), parsed exactly as the daemon's
 /// scheduler (tokio-cron-scheduler) will parse it.
-pub fn validate_cron(expr: &str) -> Result<(), String> {
+pub fn validate_cron(expr: &str) -> Result<(), CronError> {
     let fields = expr.split_whitespace().count();
     if !(6..=7).contains(&fields) {
-        return Err(format!(
-            "{expr:?} has {fields} fields; pgtide wants six, seconds first: \"sec min hour day-of-month month day-of-week\""
-        ));
+        return Err(CronError::Fields {
+            expr: expr.to_string(),
+            fields,
+        });
     }
     croner::Cron::new(expr)
         .with_seconds_required()
         .with_dom_and_dow()
         .parse()
         .map(|_| ())
-        .map_err(|e| format!("{expr:?} is not a cron schedule: {e}"))
+        .map_err(|source| CronError::Invalid {
+            expr: expr.to_string(),
+            source,
+        })
 }

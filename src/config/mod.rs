@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use raw::{RawDaemon, RawDwh, RawInstance, RawSource};
 
 use job::*;
-pub use job::{parse_job, validate_cron};
+pub use job::{parse_job, validate_cron, CronError};
 
 /// Rows per batch when a job does not say: large enough that per-batch costs (a transaction,
 /// a staging table round trip) vanish, small enough to keep memory and lock times short.
@@ -448,7 +448,7 @@ fn expand_env(value: &mut toml::Value, path: &str, problems: &mut Problems) {
     match value {
         toml::Value::String(s) => match expand(s) {
             Ok(e) => *s = e,
-            Err(m) => problems.push(path, m),
+            Err(e) => problems.push(path, e.to_string()),
         },
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
@@ -469,15 +469,25 @@ fn expand_env(value: &mut toml::Value, path: &str, problems: &mut Problems) {
     }
 }
 
+/// Why a value's `${NAME}` cannot be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExpandError {
+    #[error("unterminated ${{ in value")]
+    Unterminated,
+    /// The variables named that are not set, in the order of the value.
+    #[error("environment variable {} is not set", .0.join(", "))]
+    Unset(Vec<String>),
+}
+
 /// Expand `${NAME}`; a missing variable is an error naming it.
-pub fn expand(s: &str) -> Result<String, String> {
+pub fn expand(s: &str) -> Result<String, ExpandError> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     let mut missing = Vec::new();
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let Some(end) = rest[start..].find('}') else {
-            return Err("unterminated ${ in value".into());
+            return Err(ExpandError::Unterminated);
         };
         let name = &rest[start + 2..start + end];
         match std::env::var(name) {
@@ -490,10 +500,7 @@ pub fn expand(s: &str) -> Result<String, String> {
     if missing.is_empty() {
         Ok(out)
     } else {
-        Err(format!(
-            "environment variable {} is not set",
-            missing.join(", ")
-        ))
+        Err(ExpandError::Unset(missing))
     }
 }
 
