@@ -279,7 +279,7 @@ impl Listener {
     }
 
     /// A round trip on the listening connection, to notice a dead socket that sends nothing.
-    pub async fn ping(&self) -> Result<(), String> {
+    pub async fn ping(&self) -> Result<(), PingError> {
         match tokio::time::timeout(
             std::time::Duration::from_secs(10),
             self.client.simple_query(""),
@@ -287,10 +287,19 @@ impl Listener {
         .await
         {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(crate::pg::message(&e)),
-            Err(_) => Err("no answer within 10 s".into()),
+            Ok(Err(e)) => Err(PingError::Failed(e)),
+            Err(_) => Err(PingError::Timeout),
         }
     }
+}
+
+/// Why the listening connection failed its round trip.
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    #[error("{}", crate::pg::message(.0))]
+    Failed(#[source] tokio_postgres::Error),
+    #[error("no answer within 10 s")]
+    Timeout,
 }
 
 /// What a batch of events says changed.

@@ -449,10 +449,19 @@ async fn primary_key(client: &Client, table: u32) -> Result<Option<String>, View
     })
 }
 
+/// Why the source refuses a job's type or `sql` expression: one of the job's problems.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("no such type in the source")]
+    NoSuchType,
+    #[error("{}", pg::message(.0))]
+    Server(#[source] tokio_postgres::Error),
+}
+
 /// The source's own spelling of `ty` if its type parser accepts it (only then is it written
 /// into SQL). A type with a modifier (`numeric(12,2)`) keeps the job's spelling, which the
 /// parser accepted, since the canonical name alone would drop the modifier.
-async fn check_type(client: &Client, ty: &str) -> Result<Result<String, String>, ViewError> {
+async fn check_type(client: &Client, ty: &str) -> Result<Result<String, Refused>, ViewError> {
     match client
         .query_one("select format_type(to_regtype($1), null)", &[&ty])
         .await
@@ -460,9 +469,9 @@ async fn check_type(client: &Client, ty: &str) -> Result<Result<String, String>,
         Ok(row) => match row.get::<_, Option<String>>(0) {
             Some(_) if ty.contains('(') => Ok(Ok(ty.to_string())),
             Some(canonical) => Ok(Ok(canonical)),
-            None => Ok(Err("no such type in the source".into())),
+            None => Ok(Err(Refused::NoSuchType)),
         },
-        Err(e) if e.code().is_some() => Ok(Err(pg::message(&e))),
+        Err(e) if e.code().is_some() => Ok(Err(Refused::Server(e))),
         Err(e) => Err(ViewError::Db(e)),
     }
 }
@@ -472,7 +481,7 @@ async fn sql_type(
     client: &Client,
     job: &std::sync::Arc<JobSpec>,
     expr: &str,
-) -> Result<Result<SourceColumn, String>, ViewError> {
+) -> Result<Result<SourceColumn, Refused>, ViewError> {
     let probe_view = View {
         job: job.clone(),
         columns: Vec::new(),
@@ -484,7 +493,7 @@ async fn sql_type(
     let q = format!("select ({expr}) {} limit 0", sql::from_clause(&probe_view));
     let stmt = match client.prepare(&q).await {
         Ok(s) => s,
-        Err(e) if e.code().is_some() => return Ok(Err(pg::message(&e))),
+        Err(e) if e.code().is_some() => return Ok(Err(Refused::Server(e))),
         Err(e) => return Err(ViewError::Db(e)),
     };
     let oid = stmt.columns()[0].type_().oid();
