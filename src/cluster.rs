@@ -2,8 +2,41 @@
 //! `initdb` into a temporary directory, a free port on 127.0.0.1, trust authentication.
 //! As root, the server runs as the `postgres` user (PostgreSQL refuses to run as root).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+/// Why a throwaway cluster cannot be started or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: install Debian's postgresql package (apt-get install postgresql) or set PGTIDE_PG_BIN")]
+    NoBinaries,
+    #[error("no free port: {0}")]
+    NoPort(#[source] std::io::Error),
+    #[error("temporary directory: {0}")]
+    TempDir(#[source] std::io::Error),
+    /// A file of the cluster that cannot be written, as the message names it.
+    #[error("{file}: {source}")]
+    File {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A program that cannot be started.
+    #[error("{program:?}: {source}")]
+    Spawn {
+        program: OsString,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A program that failed, with what it printed.
+    #[error("{program:?} failed: {stdout}{stderr}")]
+    Failed {
+        program: OsString,
+        stdout: String,
+        stderr: String,
+    },
+}
 
 pub struct Cluster {
     dir: tempfile::TempDir,
@@ -14,7 +47,7 @@ pub struct Cluster {
 
 /// The directory holding `initdb`, `pg_ctl` and `postgres`: Debian's newest
 /// `/usr/lib/postgresql/N/bin`, else wherever `pg_config --bindir` or `PATH` says.
-pub fn find_bin() -> Result<PathBuf, String> {
+pub fn find_bin() -> Result<PathBuf, ClusterError> {
     if let Ok(dir) = std::env::var("PGTIDE_PG_BIN") {
         return Ok(PathBuf::from(dir));
     }
@@ -43,29 +76,25 @@ pub fn find_bin() -> Result<PathBuf, String> {
             return Ok(dir);
         }
     }
-    Err(
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: install Debian's \
-         postgresql package (apt-get install postgresql) or set PGTIDE_PG_BIN"
-            .into(),
-    )
+    Err(ClusterError::NoBinaries)
 }
 
-fn free_port() -> Result<u16, String> {
+fn free_port() -> Result<u16, ClusterError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
+        .map_err(ClusterError::NoPort)
 }
 
 impl Cluster {
     /// Create and start a cluster; it is stopped and removed when dropped.
-    pub fn start() -> Result<Cluster, String> {
+    pub fn start() -> Result<Cluster, ClusterError> {
         let bin = find_bin()?;
         let as_postgres = unsafe { libc::geteuid() } == 0;
         let dir = tempfile::Builder::new()
             .prefix("pgtide-pg-")
             .tempdir()
-            .map_err(|e| format!("temporary directory: {e}"))?;
+            .map_err(ClusterError::TempDir)?;
         if as_postgres {
             run(Command::new("chown").arg("postgres:").arg(dir.path()))?;
         }
@@ -95,11 +124,11 @@ impl Cluster {
     }
 
     /// A hot standby of this cluster (`pg_basebackup -R`, streaming), started on its own port.
-    pub fn standby(&self) -> Result<Cluster, String> {
+    pub fn standby(&self) -> Result<Cluster, ClusterError> {
         let dir = tempfile::Builder::new()
             .prefix("pgtide-standby-")
             .tempdir()
-            .map_err(|e| format!("temporary directory: {e}"))?;
+            .map_err(ClusterError::TempDir)?;
         if self.as_postgres {
             run(Command::new("chown").arg("postgres:").arg(dir.path()))?;
         }
@@ -151,7 +180,7 @@ impl Cluster {
         self.dir.path()
     }
 
-    fn pg(&self, tool: &str, args: &[&str]) -> Result<(), String> {
+    fn pg(&self, tool: &str, args: &[&str]) -> Result<(), ClusterError> {
         let exe = self.bin.join(tool);
         let mut cmd = if self.as_postgres {
             let mut c = Command::new("runuser");
@@ -171,12 +200,15 @@ impl Cluster {
 
     /// Write `name` into the cluster's directory, owned by the server's user, with `mode`: for
     /// files the server reads itself, such as TLS keys (it refuses a key others may read).
-    pub fn put_file(&self, name: &str, data: &[u8], mode: u32) -> Result<PathBuf, String> {
+    pub fn put_file(&self, name: &str, data: &[u8], mode: u32) -> Result<PathBuf, ClusterError> {
         use std::os::unix::fs::PermissionsExt;
         let path = self.dir.path().join(name);
-        std::fs::write(&path, data).map_err(|e| format!("{}: {e}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = |source| ClusterError::File {
+            file: path.display().to_string(),
+            source,
+        };
+        std::fs::write(&path, data).map_err(file)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(file)?;
         if self.as_postgres {
             run(Command::new("chown").arg("postgres:").arg(&path))?;
         }
@@ -185,15 +217,21 @@ impl Cluster {
 
     /// Add `settings` to `postgresql.conf`, replace `pg_hba.conf` by `hba`, and restart: a
     /// server with TLS or other authentication than trust.
-    pub fn reconfigure(&self, settings: &str, hba: &str) -> Result<(), String> {
+    pub fn reconfigure(&self, settings: &str, hba: &str) -> Result<(), ClusterError> {
         use std::io::Write;
         let data = self.dir.path().join("data");
         std::fs::OpenOptions::new()
             .append(true)
             .open(data.join("postgresql.conf"))
             .and_then(|mut f| f.write_all(format!("\n{settings}\n").as_bytes()))
-            .map_err(|e| format!("postgresql.conf: {e}"))?;
-        std::fs::write(data.join("pg_hba.conf"), hba).map_err(|e| format!("pg_hba.conf: {e}"))?;
+            .map_err(|source| ClusterError::File {
+                file: "postgresql.conf".into(),
+                source,
+            })?;
+        std::fs::write(data.join("pg_hba.conf"), hba).map_err(|source| ClusterError::File {
+            file: "pg_hba.conf".into(),
+            source,
+        })?;
         self.pause()?;
         self.resume()
     }
@@ -214,12 +252,12 @@ impl Cluster {
     }
 
     /// Stop the server, keeping its files.
-    pub fn pause(&self) -> Result<(), String> {
+    pub fn pause(&self) -> Result<(), ClusterError> {
         self.pg("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])
     }
 
     /// Start a paused server again on the same port.
-    pub fn resume(&self) -> Result<(), String> {
+    pub fn resume(&self) -> Result<(), ClusterError> {
         let log = self.dir.path().join("server.log");
         self.pg(
             "pg_ctl",
@@ -245,19 +283,21 @@ impl Drop for Cluster {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
+fn run(cmd: &mut Command) -> Result<(), ClusterError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+        .map_err(|source| ClusterError::Spawn {
+            program: cmd.get_program().to_owned(),
+            source,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{:?} failed: {}{}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        Err(ClusterError::Failed {
+            program: cmd.get_program().to_owned(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
     }
 }

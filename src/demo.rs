@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use crate::cluster::Cluster;
-use crate::config;
-use crate::job::Context;
-use crate::state::Store;
+use crate::cluster::{Cluster, ClusterError};
+use crate::config::{self, ConfigError};
+use crate::job::{Context, JobError};
+use crate::pg::{self, PgError};
+use crate::state::{StateError, Store};
 
 /// The example jobs shipped in `jobs/`, run by the demo exactly as users read them.
 pub const EXAMPLE_JOBS: &[(&str, &str)] = &[
@@ -17,51 +18,76 @@ pub const EXAMPLE_JOBS: &[(&str, &str)] = &[
 /// The sample shop: customers, and orders with a jsonb payload.
 pub const SHOP_SQL: &str = include_str!("../sql/demo_shop.sql");
 
-pub async fn run() -> Result<(), String> {
+/// What stopped the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// The task starting the cluster panicked.
+    #[error(transparent)]
+    Start(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Connect(#[from] PgError),
+    /// A statement of the demo itself.
+    #[error("{}", pg::message(.0))]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("fill the shop: {}", pg::message(.0))]
+    Fill(#[source] tokio_postgres::Error),
+    /// Writing the demo's config and job files.
+    #[error(transparent)]
+    Files(#[from] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("job {job}: {source}")]
+    Job {
+        job: String,
+        #[source]
+        source: JobError,
+    },
+}
+
+/// Run the demo, printing as it goes; the throwaway cluster is removed at the end, or when
+/// the demo stops early.
+pub async fn run() -> Result<(), DemoError> {
     println!("starting a throwaway PostgreSQL...");
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .map_err(|e| e.to_string())??;
-    let admin = crate::pg::connect(&cluster.url("postgres"), "pgtide:demo", "demo server")
-        .await
-        .map_err(|e| e.to_string())?;
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await??;
+    let admin = pg::connect(&cluster.url("postgres"), "pgtide:demo", "demo server").await?;
     for db in ["shop", "dwh"] {
         admin
             .batch_execute(&format!("create database {db}"))
-            .await
-            .map_err(|e| crate::pg::message(&e))?;
+            .await?;
     }
-    let shop = crate::pg::connect(&cluster.url("shop"), "pgtide:demo", "demo shop")
-        .await
-        .map_err(|e| e.to_string())?;
+    let shop = pg::connect(&cluster.url("shop"), "pgtide:demo", "demo shop").await?;
     shop.batch_execute(SHOP_SQL)
         .await
-        .map_err(|e| format!("fill the shop: {}", crate::pg::message(&e)))?;
+        .map_err(DemoError::Fill)?;
     println!(
         "shop filled on 127.0.0.1:{} (database shop); the DWH is database dwh",
         cluster.port
     );
 
     let dir = cluster.dir().join("pgtide");
-    std::fs::create_dir_all(dir.join("jobs")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir.join("jobs"))?;
     for (name, text) in EXAMPLE_JOBS {
-        std::fs::write(dir.join("jobs").join(name), text).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("jobs").join(name), text)?;
     }
     let toml = format!(
         "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"{}\"\nschema = \"analytics\"\n",
         cluster.url("shop"),
         cluster.url("dwh")
     );
-    std::fs::write(dir.join("pgtide.toml"), toml).map_err(|e| e.to_string())?;
-    let config = Arc::new(config::load(&dir.join("pgtide.toml")).map_err(|e| e.to_string())?);
-    let store = Store::open(&config.state_path).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("pgtide.toml"), toml)?;
+    let config = Arc::new(config::load(&dir.join("pgtide.toml"))?);
+    let store = Store::open(&config.state_path)?;
     let ctx = Context::new(config.clone(), store);
 
     for job in &config.jobs {
-        let s = ctx
-            .run_once(job)
-            .await
-            .map_err(|e| format!("job {}: {e}", job.name))?;
+        let s = ctx.run_once(job).await.map_err(|source| DemoError::Job {
+            job: job.name.clone(),
+            source,
+        })?;
         println!(
             "job {:<10} first run: {} rows in {} batches",
             job.name, s.rows, s.batches
@@ -72,22 +98,19 @@ pub async fn run() -> Result<(), String> {
          insert into orders (customer_id, status, amount, payload)
            values (1, 1, 42.50, '{\"meta\": {\"channel\": \"demo\"}, \"items\": [{\"sku\": \"DEMO-1\"}]}')",
     )
-    .await
-    .map_err(|e| crate::pg::message(&e))?;
+    .await?;
     for job in &config.jobs {
-        let s = ctx
-            .run_once(job)
-            .await
-            .map_err(|e| format!("job {}: {e}", job.name))?;
+        let s = ctx.run_once(job).await.map_err(|source| DemoError::Job {
+            job: job.name.clone(),
+            source,
+        })?;
         println!(
             "job {:<10} after 3 updates and 1 insert: {} rows read, {} changed",
             job.name, s.rows, s.changed
         );
     }
 
-    let dwh = crate::pg::connect(&cluster.url("dwh"), "pgtide:demo", "demo dwh")
-        .await
-        .map_err(|e| e.to_string())?;
+    let dwh = pg::connect(&cluster.url("dwh"), "pgtide:demo", "demo dwh").await?;
     println!("\nanalytics.orders_wide, newest first:");
     let rows = dwh
         .query(
@@ -95,8 +118,7 @@ pub async fn run() -> Result<(), String> {
              from analytics.orders_wide w order by w.order_id desc limit 5",
             &[],
         )
-        .await
-        .map_err(|e| crate::pg::message(&e))?;
+        .await?;
     println!(
         "{:>8}  {:<14} {:<11} {:>12}  {:<8} {:<8}  loaded at",
         "order_id", "customer", "status", "amount_cents", "channel", "sku"
@@ -115,24 +137,15 @@ pub async fn run() -> Result<(), String> {
     }
     let counts = dwh
         .query_one("select (select count(*) from analytics.orders_wide), (select count(*) from analytics.customers)", &[])
-        .await
-        .map_err(|e| crate::pg::message(&e))?;
+        .await?;
     println!(
         "\nDWH holds {} orders and {} customers.\n\njob status:",
         counts.get::<_, i64>(0),
         counts.get::<_, i64>(1)
     );
     for job in &config.jobs {
-        let pos = ctx
-            .store
-            .position(&job.name)
-            .await
-            .map_err(|e| e.to_string())?;
-        let last = ctx
-            .store
-            .last_run(&job.name)
-            .await
-            .map_err(|e| e.to_string())?;
+        let pos = ctx.store.position(&job.name).await?;
+        let last = ctx.store.last_run(&job.name).await?;
         println!(
             "  {:<10} watermark {:<40} last run {} ({} rows)",
             job.name,

@@ -159,7 +159,9 @@ impl Failure {
 
 pub async fn run(cli: Cli) -> i32 {
     let result = match cli.command {
-        Command::Demo => crate::demo::run().await.map_err(Failure::failed),
+        Command::Demo => crate::demo::run()
+            .await
+            .map_err(|e| Failure::failed(e.to_string())),
         Command::Import {
             format: ImportFormat::Insightforge { file, source },
         } => import(&file, source.as_deref()),
