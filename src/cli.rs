@@ -9,9 +9,10 @@ use serde_json::json;
 
 use crate::config::{self, Config, JobSpec, Mode};
 use crate::job::{Context, JobError};
+use crate::sink::dwh::Dwh;
 use crate::state::Store;
 use crate::telemetry::LogFormat;
-use crate::{sink, view};
+use crate::view;
 
 pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_INVALID: i32 = 2;
@@ -495,7 +496,7 @@ async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
                 Err(e) => unreachable.push(format!("job {}: source: {}", job.name, crate::pg::message(&e))),
             }
         }
-        match sink::check_target(&mut dwh, &view).await {
+        match dwh.check_target(&view).await {
             Ok(p) if p.is_empty() => {
                 println!("ok   {} ({} -> {})", job.name, job.from.name, job.target)
             }

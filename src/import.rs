@@ -569,6 +569,7 @@ mod tests {
             &text,
             &sources,
             "public",
+            Default::default(),
             &mut p,
         )
         .unwrap_or_else(|| panic!("{:?}\n{text}", p.list));
