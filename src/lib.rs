@@ -22,6 +22,7 @@
 //! - `cli`: the command line; `telemetry`: logging.
 
 pub mod cli;
+pub mod clickhouse;
 pub mod cluster;
 pub mod config;
 pub mod demo;

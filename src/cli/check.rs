@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use crate::config::{JobSpec, Mode};
 use crate::job::Context;
-use crate::{sink, view};
+use crate::sink::dwh::Dwh;
+use crate::view;
 
 use super::Failure;
 
@@ -52,7 +53,7 @@ pub(super) async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Fa
                 Err(e) => unreachable.push(format!("job {}: source: {}", job.name, crate::pg::message(&e))),
             }
         }
-        match sink::check_target(&mut dwh, &view).await {
+        match dwh.check_target(&view).await {
             Ok(p) if p.is_empty() => {
                 println!("ok   {} ({} -> {})", job.name, job.from.name, job.target)
             }

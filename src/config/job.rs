@@ -11,6 +11,7 @@ pub fn parse_job(
     text: &str,
     sources: &BTreeMap<String, String>,
     default_schema: &str,
+    dwh: DwhKind,
     problems: &mut Problems,
 ) -> Option<JobSpec> {
     let before = problems.list.len();
@@ -292,6 +293,7 @@ pub fn parse_job(
         from: from?,
         joins,
         columns,
+        dwh,
     })
 }
 

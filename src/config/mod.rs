@@ -87,7 +87,18 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct DwhConfig {
     pub url: String,
+    /// The schema (PostgreSQL) or database (ClickHouse) of targets named without one.
     pub schema: String,
+    pub kind: DwhKind,
+}
+
+/// Which kind of warehouse the DWH url names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DwhKind {
+    #[default]
+    Postgres,
+    /// `clickhouse://` or `clickhouses://`: ClickHouse's HTTP interface.
+    ClickHouse,
 }
 
 #[derive(Debug, Clone)]
@@ -222,6 +233,8 @@ pub struct JobSpec {
     pub from: TableRef,
     pub joins: Vec<Join>,
     pub columns: Vec<ColumnSpec>,
+    /// The kind of DWH the job writes to: a column's `type` names one of its types.
+    pub dwh: DwhKind,
 }
 
 impl JobSpec {
@@ -296,14 +309,26 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             None
         }
         Some(v) => problems.parse::<RawDwh>("dwh", v).map(|d| {
-            check_url(&d.url, "dwh.url", &mut problems);
+            let kind = if crate::clickhouse::Url::is_clickhouse(&d.url) {
+                DwhKind::ClickHouse
+            } else {
+                DwhKind::Postgres
+            };
+            let mut default_schema = "public".to_string();
+            match kind {
+                DwhKind::Postgres => check_url(&d.url, "dwh.url", &mut problems),
+                DwhKind::ClickHouse => match crate::clickhouse::Url::parse(&d.url) {
+                    Ok(u) => default_schema = u.database().to_string(),
+                    Err(e) => problems.push("dwh.url", format!("not a ClickHouse url ({e})")),
+                },
+            }
             let url = add_password_file(d.url, d.password_file, "dwh", &resolve, &mut problems);
-            let schema = d.schema.unwrap_or_else(|| "public".into());
+            let schema = d.schema.unwrap_or(default_schema);
             if schema.is_empty() {
                 problems.push("dwh.schema", "must not be empty");
             }
             check_identifier(&schema, "dwh.schema", &mut problems);
-            DwhConfig { url, schema }
+            DwhConfig { url, schema, kind }
         }),
     };
     let daemon = match raw.daemon {
@@ -334,8 +359,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     };
 
     let default_schema = dwh.as_ref().map(|d| d.schema.clone()).unwrap_or_default();
+    let kind = dwh.as_ref().map(|d| d.kind).unwrap_or_default();
     let mut all = problems.list;
-    let jobs = load_jobs(&jobs_dir, &sources, &default_schema, &mut all);
+    let jobs = load_jobs(&jobs_dir, &sources, &default_schema, kind, &mut all);
     match (dwh, daemon) {
         (Some(dwh), Some(daemon)) if all.is_empty() => Ok(Config {
             path: path.to_path_buf(),
@@ -354,6 +380,7 @@ fn load_jobs(
     dir: &Path,
     sources: &BTreeMap<String, String>,
     default_schema: &str,
+    kind: DwhKind,
     all: &mut Vec<Problem>,
 ) -> Vec<Arc<JobSpec>> {
     let entries = match std::fs::read_dir(dir) {
@@ -378,7 +405,7 @@ fn load_jobs(
         let job = std::fs::read_to_string(&file)
             .map_err(|e| problems.push("", format!("cannot read: {e}")))
             .ok()
-            .and_then(|text| parse_job(&file, &text, sources, default_schema, &mut problems));
+            .and_then(|text| parse_job(&file, &text, sources, default_schema, kind, &mut problems));
         all.append(&mut problems.list);
         if let Some(job) = job {
             jobs.push(Arc::new(job));
@@ -429,6 +456,19 @@ fn add_password_file(
         problems.push(&field, format!("{} is empty", path.display()));
         return url;
     }
+    if crate::clickhouse::Url::is_clickhouse(&url) {
+        return match crate::clickhouse::Url::parse(&url) {
+            Ok(u) if u.has_password() => {
+                problems.push(
+                    &field,
+                    format!("{section}.url has a password already: give it in one place"),
+                );
+                url
+            }
+            Ok(_) => clickhouse_with_password(&url, password),
+            Err(_) => url,
+        };
+    }
     match crate::pg::conninfo::parse(&url) {
         Ok(c) if c.password.is_some() => {
             problems.push(
@@ -440,6 +480,19 @@ fn add_password_file(
         Ok(_) => crate::pg::conninfo::with_password(&url, password),
         // The url's own problem is reported for its field.
         Err(_) => url,
+    }
+}
+
+/// A ClickHouse url (known to parse, without a password) with `password` added to its user
+/// information, percent-encoded; the user is `default` when the url names none.
+fn clickhouse_with_password(url: &str, password: &str) -> String {
+    let encoded =
+        percent_encoding::utf8_percent_encode(password, percent_encoding::NON_ALPHANUMERIC);
+    let (scheme, rest) = url.split_once("://").unwrap_or(("clickhouse", url));
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://{}:{encoded}{}", &rest[..at], &rest[at..]),
+        None => format!("{scheme}://default:{encoded}@{rest}"),
     }
 }
 

@@ -13,6 +13,7 @@ fn job(text: &str) -> Result<JobSpec, Vec<String>> {
         text,
         &sources(),
         "analytics",
+        Default::default(),
         &mut p,
     )
     .ok_or_else(|| p.list.iter().map(|p| p.to_string()).collect())
@@ -141,8 +142,15 @@ fn names_derived_from_the_job_name_must_fit() {
     let file = |stem: &str| PathBuf::from(format!("jobs/{stem}.toml"));
     let parse = |stem: &str, text: &str| {
         let mut p = Problems::new(&file(stem));
-        parse_job(&file(stem), text, &sources(), "analytics", &mut p)
-            .ok_or_else(|| p.list.iter().map(|p| p.to_string()).collect::<Vec<_>>())
+        parse_job(
+            &file(stem),
+            text,
+            &sources(),
+            "analytics",
+            Default::default(),
+            &mut p,
+        )
+        .ok_or_else(|| p.list.iter().map(|p| p.to_string()).collect::<Vec<_>>())
     };
     let notify = GOOD.replace("interval_secs = 5", "mode = \"notify\"");
     // Two tables: the longest name is pgtide_<job>_1_stmt, 14 bytes more than the job name.
@@ -331,4 +339,31 @@ fn a_dwh_schema_longer_than_63_bytes_is_named() {
         e.contains(&format!("pgtide.toml: dwh.schema: \"{schema}\" is 64 bytes long; PostgreSQL identifiers are at most 63 bytes")),
         "{e}"
     );
+}
+
+#[test]
+fn a_clickhouse_dwh_takes_its_database_as_the_default_schema_and_its_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("jobs")).unwrap();
+    std::fs::write(dir.path().join("ch.pw"), "p@ss/w%rd\n").unwrap();
+    let path = dir.path().join("pgtide.toml");
+    std::fs::write(
+        &path,
+        "[sources.a]\nurl = \"postgres://x@y/z\"\n[dwh]\nurl = \"clickhouse://loader@ch:8123/analytics\"\npassword_file = \"ch.pw\"\n",
+    )
+    .unwrap();
+    let c = load(&path).unwrap();
+    assert_eq!(c.dwh.kind, DwhKind::ClickHouse);
+    assert_eq!(c.dwh.schema, "analytics");
+    let url = crate::clickhouse::Url::parse(&c.dwh.url).unwrap();
+    assert_eq!(url.user(), "loader");
+    assert!(url.has_password());
+    assert!(!url.to_string().contains("p@ss"), "{url}");
+    std::fs::write(
+        &path,
+        "[sources.a]\nurl = \"postgres://x@y/z\"\n[dwh]\nurl = \"clickhouse://ch:99999/analytics\"\n",
+    )
+    .unwrap();
+    let e = load(&path).unwrap_err().to_string();
+    assert!(e.contains("dwh.url: not a ClickHouse url"), "{e}");
 }

@@ -18,6 +18,7 @@ fn the_documented_example_becomes_a_valid_job() {
         &text,
         &sources,
         "public",
+        Default::default(),
         &mut p,
     )
     .unwrap_or_else(|| panic!("{:?}\n{text}", p.list));

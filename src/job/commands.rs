@@ -21,9 +21,9 @@ pub enum InputError {
 impl Context {
     /// Read and apply the next batch of `(lo, to]` without touching the position; returns what
     /// was applied and the batch's last cursor value, `None` when no rows remain.
-    pub(super) async fn replay_batch(
+    pub(super) async fn replay_batch<D: Dwh>(
         &self,
-        s: &mut Session,
+        s: &mut Session<D>,
         lo: Option<&[String]>,
         to: Option<&[String]>,
     ) -> Result<Option<(Applied, Vec<String>)>, JobError> {

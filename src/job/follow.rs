@@ -87,9 +87,9 @@ impl Context {
 
     /// A notify job's run: load the rows that existed before its triggers (once, by
     /// watermark), then apply its events until none are left.
-    pub(super) async fn follow(
+    pub(super) async fn follow<D: Dwh>(
         &self,
-        s: &mut Session,
+        s: &mut Session<D>,
         run: i64,
         pos: &mut Position,
         summary: &mut RunSummary,
@@ -116,9 +116,9 @@ impl Context {
     /// Take one batch of events, re-read the current view rows they point to, apply them (and
     /// the rows that are gone) in one DWH transaction, and only then remove the events. `None`
     /// when no event was waiting.
-    pub(super) async fn drain(
+    pub(super) async fn drain<D: Dwh>(
         &self,
-        s: &mut Session,
+        s: &mut Session<D>,
     ) -> Result<Option<(usize, Applied)>, JobError> {
         let tx = s.source.transaction().await.map_err(JobError::Source)?;
         let changes = notify::take(&tx, &s.view, s.view.job.batch_size)

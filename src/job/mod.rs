@@ -17,10 +17,11 @@ use std::time::Instant;
 
 use tokio_postgres::Client;
 
-use crate::config::{Config, JobSpec, Mode};
+use crate::config::{Config, DwhKind, JobSpec, Mode};
 use crate::pg::{self, PgError, Retry};
 use crate::position::Position;
 use crate::shutdown::Shutdown;
+pub use crate::sink::dwh::Warehouse;
 use crate::sink::dwh::{Batch, Dwh, WriteError};
 use crate::sink::{self, SinkError};
 use crate::source::{self, notify};
@@ -32,6 +33,8 @@ use crate::view::{self, CheckKind, View, ViewError};
 mod commands;
 mod follow;
 mod summary;
+#[cfg(test)]
+mod tests;
 mod write;
 
 pub use commands::InputError;
@@ -77,6 +80,7 @@ impl JobError {
             | JobError::Sink(SinkError::Db(e))
             | JobError::Sink(SinkError::Ddl { source: e, .. })
             | JobError::View(ViewError::Db(e)) => pg::classify(e),
+            JobError::Sink(SinkError::ClickHouse(e)) => e.retry(),
             _ => Retry::Permanent,
         }
     }
@@ -107,16 +111,16 @@ enum Feed<'a> {
 }
 
 /// Connections of one run, the DWH one holding the job's lock.
-struct Session {
+struct Session<D = Warehouse> {
     source: Client,
-    dwh: Client,
+    dwh: D,
     view: View,
     /// Copy batches straight into the target (it was empty with exactly the view's types)
     /// until a key turns out to exist already; then stage and upsert.
     copy_direct: bool,
 }
 
-impl Session {
+impl<D: Dwh> Session<D> {
     /// A data error of the source's COPY, turned into a message naming the row and value when
     /// a JSON field explains it.
     async fn explain(&mut self, e: JobError, bound: &Bound) -> JobError {
@@ -175,7 +179,31 @@ impl Context {
         .await?)
     }
 
-    pub async fn connect_dwh(&self, job: &JobSpec) -> Result<Client, JobError> {
+    /// The DWH for a run of `job`. A ClickHouse DWH holds the job's lock in a session on the
+    /// job's source, which it opens here.
+    pub async fn connect_dwh(&self, job: &JobSpec) -> Result<Warehouse, JobError> {
+        match self.config.dwh.kind {
+            DwhKind::Postgres => Ok(Warehouse::Postgres(self.connect_pg_dwh(job).await?)),
+            DwhKind::ClickHouse => {
+                let url =
+                    crate::clickhouse::Url::parse(&self.config.dwh.url).map_err(SinkError::Url)?;
+                let http = crate::clickhouse::Client::connect(&url)
+                    .await
+                    .map_err(SinkError::from)?;
+                let lock = self.connect_source(job).await?;
+                Ok(Warehouse::ClickHouse(Box::new(
+                    crate::sink::clickhouse::ClickHouse::new(
+                        http,
+                        lock,
+                        url.database().to_string(),
+                    ),
+                )))
+            }
+        }
+    }
+
+    /// The DWH's PostgreSQL session, for what only a PostgreSQL DWH does.
+    pub async fn connect_pg_dwh(&self, job: &JobSpec) -> Result<Client, JobError> {
         Ok(pg::connect(&self.config.dwh.url, &Self::application(job), "dwh").await?)
     }
 
@@ -204,7 +232,7 @@ impl Context {
     }
 
     /// The position to continue from: the DWH's copy wins over SQLite whenever they differ.
-    async fn position(&self, s: &mut Session) -> Result<Position, JobError> {
+    async fn position<D: Dwh>(&self, s: &mut Session<D>) -> Result<Position, JobError> {
         let name = &s.view.job.name;
         let local = self.store.position(name).await?;
         let remote = s.dwh.read_position(name).await?;
@@ -264,9 +292,9 @@ impl Context {
         result.map(|()| summary)
     }
 
-    async fn catch_up(
+    async fn catch_up<D: Dwh>(
         &self,
-        s: &mut Session,
+        s: &mut Session<D>,
         run: i64,
         summary: &mut RunSummary,
     ) -> Result<(), JobError> {
@@ -304,9 +332,9 @@ impl Context {
 
     /// Read and apply the next batch past the watermark; `None` when there is none. The caller
     /// records the new position locally.
-    async fn batch(
+    async fn batch<D: Dwh>(
         &self,
-        s: &mut Session,
+        s: &mut Session<D>,
         pos: &mut Position,
         merge: bool,
     ) -> Result<Option<Applied>, JobError> {
@@ -352,9 +380,9 @@ impl Context {
     /// doing each step's bookkeeping here and only here: metrics, the run's summary, and the
     /// state store (the position after every batch that moved it; the run's row count at
     /// most once a second otherwise, since `last_progress`: no disk sync per drain).
-    async fn drive(
+    async fn drive<D: Dwh>(
         &self,
-        s: &mut Session,
+        s: &mut Session<D>,
         run: i64,
         feed: &mut Feed<'_>,
         summary: &mut RunSummary,
@@ -412,9 +440,9 @@ impl Context {
     /// Re-read rows of open windows written by transactions the windows' snapshots could not
     /// see, then close the windows that this snapshot settles.
     /// Returns what was applied and how many windows closed.
-    async fn recheck(
+    async fn recheck<D: Dwh>(
         &self,
-        s: &mut Session,
+        s: &mut Session<D>,
         pos: &mut Position,
     ) -> Result<(Applied, usize), JobError> {
         let horizon = source::horizon(&s.source).await.map_err(JobError::Source)?;
@@ -453,7 +481,7 @@ impl Context {
 }
 
 /// A crash on purpose, for tests of what a crash at this point leaves behind (debug builds).
-fn crash_point(name: &str) {
+pub(crate) fn crash_point(name: &str) {
     if cfg!(debug_assertions) && std::env::var_os(name).is_some() {
         eprintln!("pgtide: {name} is set: aborting here");
         std::process::abort();

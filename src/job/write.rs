@@ -6,9 +6,9 @@ use super::*;
 
 /// Apply the view rows of `bound`: straight into the target while `direct` holds, else (and
 /// from the first key found in the target on) through the staging table.
-pub(super) async fn apply(
+pub(super) async fn apply<D: Dwh>(
     source_tx: &tokio_postgres::Transaction<'_>,
-    dwh: &mut Client,
+    dwh: &mut D,
     view: &View,
     bound: &Bound,
     position: Option<&Position>,
@@ -33,9 +33,9 @@ pub(super) async fn apply(
 /// yet; a key that does ends the attempt with `Ok(None)` and nothing written, so the caller
 /// can stage the batch instead.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn transfer(
+pub(super) async fn transfer<D: Dwh>(
     source_tx: &tokio_postgres::Transaction<'_>,
-    dwh: &mut Client,
+    dwh: &mut D,
     view: &View,
     bound: &Bound,
     position: Option<&Position>,
@@ -48,7 +48,7 @@ pub(super) async fn transfer(
     let stats = source::checks::stats(source_tx, view, bound)
         .await
         .map_err(JobError::Source)?;
-    let out = source::copy_out(source_tx, view, bound)
+    let out = source::copy_out(source_tx, &dwh.copy_sql(view, &bound.predicate))
         .await
         .map_err(JobError::Source)?;
     let batch = Batch {
@@ -96,9 +96,9 @@ pub(super) async fn transfer(
 /// one per column of `view.captured[0]`), and with `gone` (whole keys as text, in `key` order)
 /// the job's `on_delete` to the target rows of those keys that the view no longer has: the
 /// path a notify drain takes, so a repair writes exactly what the job would.
-pub(crate) async fn apply_keys(
+pub(crate) async fn apply_keys<D: Dwh>(
     source_tx: &tokio_postgres::Transaction<'_>,
-    dwh: &mut Client,
+    dwh: &mut D,
     view: &View,
     keys: &[Vec<String>],
     gone: Option<&[Vec<String>]>,

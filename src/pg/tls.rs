@@ -10,6 +10,9 @@
 //!
 //! Client certificates: `sslcert`/`sslkey`, default `~/.postgresql/postgresql.crt`/`.key` when
 //! they exist.
+//!
+//! ClickHouse's HTTPS connections build their rustls configuration here too (`rustls_config`,
+//! `load_roots`, `system_roots`, `load_client_cert`), so both DWHs check certificates alike.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -103,18 +106,8 @@ fn postgresql_dir() -> Option<PathBuf> {
 /// The rustls configuration for a connection string, or why it cannot be made (a missing or
 /// unreadable file, a weak mode with `sslrootcert=system`).
 pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), TlsError> {
-    let provider = provider();
     if info.sslmode == SslMode::Disable {
-        let config = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(TlsError::Config)?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier {
-                inner: None,
-                check_name: false,
-                provider,
-            }))
-            .with_no_client_auth();
+        let config = rustls_config(None, false, None)?;
         return Ok((MakeTls::new(config), TlsFiles::default()));
     }
     let verify = matches!(info.sslmode, SslMode::VerifyCa | SslMode::VerifyFull);
@@ -124,14 +117,8 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), TlsError> {
             if info.sslmode != SslMode::VerifyFull {
                 return Err(TlsError::WeakModeWithSystemRoots(info.sslmode));
             }
-            let found = rustls_native_certs::load_native_certs();
-            let mut store = RootCertStore::empty();
-            store.add_parsable_certificates(found.certs);
-            if store.is_empty() {
-                return Err(TlsError::NoSystemRoots);
-            }
-            files.roots = Some("the system's trusted roots".into());
-            Some(store)
+            files.roots = Some(SYSTEM_ROOTS.into());
+            Some(system_roots()?)
         }
         Some(path) => {
             files.roots = Some(path.to_string());
@@ -155,6 +142,26 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), TlsError> {
             }
         }
     };
+    let config = rustls_config(
+        roots,
+        info.sslmode == SslMode::VerifyFull,
+        client_cert(info)?,
+    )?;
+    Ok((MakeTls::new(config), files))
+}
+
+/// How [`TlsFiles::roots`] names the system's trusted roots.
+pub const SYSTEM_ROOTS: &str = "the system's trusted roots";
+
+/// A rustls client configuration, shared by PostgreSQL and ClickHouse connections: the server's
+/// chain checked against `roots` (not at all without them), its name too when `check_name`, and
+/// a client certificate when given. The handshake's signatures are always checked.
+pub fn rustls_config(
+    roots: Option<RootCertStore>,
+    check_name: bool,
+    client: Option<ClientCert>,
+) -> Result<ClientConfig, TlsError> {
+    let provider = provider();
     let inner = match roots {
         Some(store) => Some(
             WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
@@ -165,7 +172,7 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), TlsError> {
     };
     let verifier = Verifier {
         inner,
-        check_name: info.sslmode == SslMode::VerifyFull,
+        check_name,
         provider: provider.clone(),
     };
     let builder = ClientConfig::builder_with_provider(provider)
@@ -173,16 +180,27 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), TlsError> {
         .map_err(TlsError::Config)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
-    let config = match client_cert(info)? {
+    Ok(match client {
         Some((certs, key)) => builder
             .with_client_auth_cert(certs, key)
             .map_err(TlsError::ClientCert)?,
         None => builder.with_no_client_auth(),
-    };
-    Ok((MakeTls::new(config), files))
+    })
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+/// The system's trusted root certificates (Debian's ca-certificates), or why there are none.
+pub fn system_roots() -> Result<RootCertStore, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut store = RootCertStore::empty();
+    store.add_parsable_certificates(found.certs);
+    if store.is_empty() {
+        return Err(TlsError::NoSystemRoots);
+    }
+    Ok(store)
+}
+
+/// The root certificates in a PEM file, or why it cannot be used.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let certs = read_certs(path, "root certificate file")?;
     let mut store = RootCertStore::empty();
     let (_, bad) = store.add_parsable_certificates(certs);
@@ -217,7 +235,8 @@ fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
-type ClientCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+/// A client certificate chain and its private key.
+pub type ClientCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 /// The client certificate and key: the given files (an error when unreadable), else the default
 /// files when the certificate exists.
@@ -240,13 +259,18 @@ fn client_cert(info: &ConnInfo) -> Result<Option<ClientCert>, TlsError> {
             None => return Err(TlsError::NoKey),
         },
     };
-    let certs = read_certs(&cert, "client certificate file")?;
-    let meta = std::fs::metadata(&key).map_err(|source| TlsError::KeyMissing {
-        path: key.clone(),
+    load_client_cert(&cert, &key).map(Some)
+}
+
+/// A client certificate and its key from PEM files. As libpq, the key must be private to its
+/// owner, or readable by the group only when root owns it (a key installed by a package for a
+/// service group).
+pub fn load_client_cert(cert: &Path, key: &Path) -> Result<ClientCert, TlsError> {
+    let certs = read_certs(cert, "client certificate file")?;
+    let meta = std::fs::metadata(key).map_err(|source| TlsError::KeyMissing {
+        path: key.to_path_buf(),
         source,
     })?;
-    // As libpq: the key must be private to its owner, or readable by the group only when
-    // root owns it (a key installed by a package for a service group).
     let mode = meta.mode() & 0o777;
     let private = if meta.uid() == 0 {
         mode & 0o037 == 0
@@ -254,16 +278,18 @@ fn client_cert(info: &ConnInfo) -> Result<Option<ClientCert>, TlsError> {
         mode & 0o077 == 0
     };
     if !private {
-        return Err(TlsError::KeyAccess(key));
+        return Err(TlsError::KeyAccess(key.to_path_buf()));
     }
-    let bytes = std::fs::read(&key).map_err(|source| TlsError::Read {
+    let bytes = std::fs::read(key).map_err(|source| TlsError::Read {
         what: "private key file",
-        path: key.clone(),
+        path: key.to_path_buf(),
         source,
     })?;
-    let key_der = PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|source| TlsError::Key { path: key, source })?;
-    Ok(Some((certs, key_der)))
+    let key_der = PrivateKeyDer::from_pem_slice(&bytes).map_err(|source| TlsError::Key {
+        path: key.to_path_buf(),
+        source,
+    })?;
+    Ok((certs, key_der))
 }
 
 /// Checks the server's certificate as the `sslmode` asks: not at all, the chain only, or the

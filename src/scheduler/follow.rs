@@ -162,7 +162,9 @@ mod tests {
         let sources = [("s".to_string(), "postgres://x@y/z".to_string())].into();
         let file = std::path::Path::new("jobs/orders.toml");
         let mut p = crate::config::Problems::new(file);
-        let mut job = crate::config::parse_job(file, text, &sources, "public", &mut p).unwrap();
+        let mut job =
+            crate::config::parse_job(file, text, &sources, "public", Default::default(), &mut p)
+                .unwrap();
         job.schedule = schedule;
         job
     }

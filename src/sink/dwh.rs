@@ -75,6 +75,11 @@ pub trait Dwh {
     async fn read_position(&mut self, job: &str) -> Result<Option<Position>, SinkError>;
     /// Store a position that comes without rows (a reset, the end of a first load).
     async fn store_position(&mut self, job: &str, position: &Position) -> Result<(), SinkError>;
+    /// The problems `prepare_target` would stop at, changing nothing (`check`).
+    async fn check_target(&mut self, view: &View) -> Result<Vec<String>, SinkError>;
+    /// The source statement that copies the view rows of `predicate` out in the form `write`
+    /// takes.
+    fn copy_sql(&self, view: &View, predicate: &str) -> String;
     /// Write one batch of the view's rows (binary COPY data) and then its position.
     async fn write<S, E>(
         &mut self,
@@ -105,6 +110,15 @@ impl Dwh for Client {
 
     async fn read_position(&mut self, job: &str) -> Result<Option<Position>, SinkError> {
         super::read_position(self, job).await
+    }
+
+    async fn check_target(&mut self, view: &View) -> Result<Vec<String>, SinkError> {
+        super::check_target(self, view).await
+    }
+
+    /// Binary COPY, which the staging table and the target take as they are.
+    fn copy_sql(&self, view: &View, predicate: &str) -> String {
+        crate::view::sql::copy_out(view, predicate)
     }
 
     async fn store_position(&mut self, job: &str, position: &Position) -> Result<(), SinkError> {
@@ -173,5 +187,72 @@ impl Dwh for Client {
         }
         tx.commit().await?;
         Ok(written)
+    }
+}
+
+/// The DWH of a run: PostgreSQL or ClickHouse.
+pub enum Warehouse {
+    Postgres(Client),
+    ClickHouse(Box<super::clickhouse::ClickHouse>),
+}
+
+impl Warehouse {
+    /// The PostgreSQL session, for what only a PostgreSQL DWH does (`verify`).
+    pub fn postgres(&mut self) -> Option<&mut Client> {
+        match self {
+            Warehouse::Postgres(c) => Some(c),
+            Warehouse::ClickHouse(_) => None,
+        }
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            Warehouse::Postgres($d) => $e,
+            Warehouse::ClickHouse($d) => $e,
+        }
+    };
+}
+
+impl Dwh for Warehouse {
+    async fn lock(&mut self, job: &str) -> Result<bool, SinkError> {
+        each!(self, d => d.lock(job).await)
+    }
+
+    async fn unlock(&mut self, job: &str) -> Result<(), SinkError> {
+        each!(self, d => d.unlock(job).await)
+    }
+
+    async fn prepare_target(&mut self, view: &View) -> Result<TargetState, SinkError> {
+        each!(self, d => d.prepare_target(view).await)
+    }
+
+    async fn read_position(&mut self, job: &str) -> Result<Option<Position>, SinkError> {
+        each!(self, d => d.read_position(job).await)
+    }
+
+    async fn store_position(&mut self, job: &str, position: &Position) -> Result<(), SinkError> {
+        each!(self, d => d.store_position(job, position).await)
+    }
+
+    async fn check_target(&mut self, view: &View) -> Result<Vec<String>, SinkError> {
+        each!(self, d => d.check_target(view).await)
+    }
+
+    fn copy_sql(&self, view: &View, predicate: &str) -> String {
+        each!(self, d => d.copy_sql(view, predicate))
+    }
+
+    async fn write<S, E>(
+        &mut self,
+        view: &View,
+        rows: S,
+        batch: Batch<'_>,
+    ) -> Result<Written, WriteError<E>>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+    {
+        each!(self, d => d.write(view, rows, batch).await)
     }
 }

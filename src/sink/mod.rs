@@ -11,6 +11,7 @@ use crate::pg::{self, quote_ident, quote_qualified};
 use crate::position::Position;
 use crate::view::View;
 
+pub mod clickhouse;
 pub mod dwh;
 mod target;
 
@@ -23,7 +24,7 @@ pub const LOADED_AT: &str = "_pgtide_loaded_at";
 /// With `on_delete = "soft"`: the view row is gone from the source.
 pub const DELETED: &str = "_pgtide_deleted";
 
-fn soft(view: &View) -> bool {
+pub(crate) fn soft(view: &View) -> bool {
     view.job.mode == crate::config::Mode::Notify
         && view.job.on_delete == crate::config::OnDelete::Soft
 }
@@ -32,6 +33,12 @@ fn soft(view: &View) -> bool {
 pub enum SinkError {
     #[error("dwh: {}", pg::message(.0))]
     Db(#[from] tokio_postgres::Error),
+    /// The ClickHouse url does not parse (the config check lets none through).
+    #[error("dwh url: {0}")]
+    Url(#[source] crate::clickhouse::UrlError),
+    /// ClickHouse refused or could not be reached.
+    #[error("dwh: {0}")]
+    ClickHouse(#[from] crate::clickhouse::ChError),
     /// The target exists in a shape the job cannot write to.
     #[error("target {table}: {}", .problems.join("; "))]
     Incompatible {
@@ -480,7 +487,15 @@ mod tests {
         );
         let sources = [("s".to_string(), "postgres://x@y/z".to_string())].into();
         let mut p = Problems::new(Path::new("j.toml"));
-        let job = parse_job(Path::new("j.toml"), &text, &sources, "public", &mut p).expect("valid");
+        let job = parse_job(
+            Path::new("j.toml"),
+            &text,
+            &sources,
+            "public",
+            Default::default(),
+            &mut p,
+        )
+        .expect("valid");
         View {
             job: Arc::new(job),
             columns: cols
@@ -492,6 +507,8 @@ mod tests {
                     stage_type: t.to_string(),
                     load: None,
                     origin: String::new(),
+                    nullable: true,
+                    dwh_type: None,
                 })
                 .collect(),
             cursor: vec![],

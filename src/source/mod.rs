@@ -13,7 +13,6 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, CopyOutStream, IsolationLevel, Transaction};
 
 use crate::position::{Horizon, Oldest, Snapshot, Unseen};
-use crate::view::range::Bound;
 use crate::view::{resolve::settings_statement, sql, Setting, View};
 
 /// Start a read transaction and record its snapshot.
@@ -239,11 +238,9 @@ pub async fn set_settings(
 /// Open the COPY of the view rows of `ranges` (settings set before).
 pub async fn copy_out(
     tx: &Transaction<'_>,
-    view: &View,
-    bound: &Bound,
+    statement: &str,
 ) -> Result<CopyOutStream, tokio_postgres::Error> {
-    tx.copy_out(sql::copy_out(view, &bound.predicate).as_str())
-        .await
+    tx.copy_out(statement).await
 }
 
 /// Why the source refused a watermark value given on the command line.

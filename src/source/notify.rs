@@ -383,7 +383,9 @@ mod tests {
         let sources = [("s".to_string(), "postgres://x@y/z".to_string())].into();
         let file = std::path::Path::new("jobs/shop.toml");
         let mut p = crate::config::Problems::new(file);
-        let job = crate::config::parse_job(file, text, &sources, "public", &mut p).expect("valid");
+        let job =
+            crate::config::parse_job(file, text, &sources, "public", Default::default(), &mut p)
+                .expect("valid");
         let captured = |alias: &str, column: &str| crate::view::Captured {
             alias: alias.into(),
             columns: vec![column.into()],

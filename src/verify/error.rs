@@ -12,6 +12,8 @@ pub enum VerifyError {
     NoTarget(String),
     #[error("--repair reads the view's rows by key, which needs a key column taken as it is from the main table (from = \"alias.column\" of [from]); reload with `pgtide replay` instead")]
     NoRepairKey,
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error("temporary file of differing keys: {0}")]
     Spill(#[source] std::io::Error),
 }

@@ -29,6 +29,7 @@
 //! command prints; `error` what can fail.
 
 mod candidates;
+mod clickhouse;
 mod error;
 mod plan;
 mod recheck;
@@ -65,7 +66,12 @@ pub async fn verify(
     opts: Options,
 ) -> Result<Report, VerifyError> {
     let started = Instant::now();
-    let mut dwh = ctx.connect_dwh(job).await?;
+    let mut dwh = match ctx.connect_dwh(job).await? {
+        crate::job::Warehouse::Postgres(c) => c,
+        crate::job::Warehouse::ClickHouse(ch) => {
+            return clickhouse::verify(ctx, job, opts, *ch).await
+        }
+    };
     // A repair must never race a run of the job; a plain comparison takes no lock.
     if opts.repair && !dwh.lock(&job.name).await? {
         return Err(JobError::Locked.into());

@@ -29,6 +29,11 @@ pub struct ViewColumn {
     pub load: Option<String>,
     /// Where the value comes from, for messages: `o.payload json meta.channel`.
     pub origin: String,
+    /// Whether the view can hold NULL here (a nullable column, a left join, an expression).
+    pub nullable: bool,
+    /// The DWH type a job names with `type` when the DWH is not PostgreSQL (ClickHouse);
+    /// `target_type` is then the source's type of the value.
+    pub dwh_type: Option<String>,
 }
 
 /// A column whose values pgtide counts or checks beyond what SQL does by itself.

@@ -31,6 +31,8 @@ struct SourceColumn {
     /// The type the value gets in the DWH: builtin types stay, enums and extension types
     /// become text, domains their base type.
     target_type: String,
+    /// Declared `not null` in its table.
+    not_null: bool,
 }
 
 /// Maps a pg_type row `t` (with element type `et`, namespaces `n`, `en`) and a typmod to the
@@ -107,9 +109,22 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
     let mut columns = Vec::new();
     let mut settings = Vec::new();
     let mut checks = Vec::new();
+    // Tables whose rows may be missing from a view row (left joined): their columns are NULL
+    // there whatever their declaration says.
+    let outer: Vec<&str> = job
+        .joins
+        .iter()
+        .filter(|j| j.kind == crate::config::JoinKind::Left)
+        .map(|j| j.table.alias.as_str())
+        .collect();
+    let clickhouse = job.dwh == crate::config::DwhKind::ClickHouse;
     for (i, c) in job.columns.iter().enumerate() {
+        // For a ClickHouse DWH a column's `type` names a ClickHouse type: the source sends the
+        // value as it is and the DWH's mapping formats it for that type.
+        let dwh_type = c.ty.clone().filter(|_| clickhouse);
         let ty = match &c.ty {
             None => None,
+            Some(_) if clickhouse => None,
             Some(ty) => match check_type(client, ty).await? {
                 Ok(canonical) => Some(canonical),
                 Err(m) => {
@@ -131,11 +146,13 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
         };
         let mut load = None;
         let mut stage_type = None;
+        let mut nullable = true;
         let origin;
         let (expr, target_type) = match &c.kind {
             ColumnKind::Direct(r) => match lookup(r) {
                 Some(col) => {
                     origin = r.to_string();
+                    nullable = !col.not_null || outer.contains(&r.alias.as_str());
                     cast(sql::column(&r.alias, &r.column), Some(&col))
                 }
                 None => {
@@ -275,6 +292,8 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
             target_type,
             load,
             origin,
+            nullable,
+            dwh_type,
         });
     }
 
@@ -412,7 +431,7 @@ async fn table(
     let oid: u32 = row.get(0);
     let kind: i8 = row.get(1);
     let q = format!(
-        "select a.attname, {} from pg_attribute a join pg_type t on t.oid = a.atttypid {TYPE_JOINS}
+        "select a.attname, {}, a.attnotnull from pg_attribute a join pg_type t on t.oid = a.atttypid {TYPE_JOINS}
          where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped",
         TYPE_COLUMNS.replace("TYPMOD", "a.atttypmod")
     );
@@ -425,6 +444,7 @@ async fn table(
                 SourceColumn {
                     src_type: r.get(1),
                     target_type: r.get(2),
+                    not_null: r.get(3),
                 },
             )
         })
@@ -505,6 +525,7 @@ async fn sql_type(
     Ok(Ok(SourceColumn {
         src_type: row.get(0),
         target_type: row.get(1),
+        not_null: false,
     }))
 }
 

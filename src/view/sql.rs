@@ -277,8 +277,15 @@ mod tests {
         "#;
         let sources = [("s".to_string(), "postgres://x@y/z".to_string())].into();
         let mut p = Problems::new(Path::new("j.toml"));
-        let job =
-            parse_job(Path::new("j.toml"), text, &sources, "public", &mut p).expect("valid job");
+        let job = parse_job(
+            Path::new("j.toml"),
+            text,
+            &sources,
+            "public",
+            Default::default(),
+            &mut p,
+        )
+        .expect("valid job");
         View {
             job: Arc::new(job),
             columns: vec![ViewColumn {
@@ -288,6 +295,8 @@ mod tests {
                 stage_type: "bigint".into(),
                 load: None,
                 origin: "o.id".into(),
+                nullable: false,
+                dwh_type: None,
             }],
             cursor: vec![
                 CursorColumn {

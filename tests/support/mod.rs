@@ -2,6 +2,7 @@
 //! and DWH database per test, a config directory per test, and the real `pgtide` binary.
 #![allow(dead_code)]
 
+pub mod clickhouse;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,249 @@
+//! The batch driver over a DWH that only records what it is given: a real source (a throwaway
+//! PostgreSQL), a fake warehouse, so the loop's own rules are what is tested: batches in order,
+//! the position stored with each batch and only after it, a failed batch moving nothing, and a
+//! stop at the next boundary.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+
+use super::*;
+use crate::sink::dwh::Written;
+use crate::sink::TargetState;
+
+/// What the fake DWH saw.
+#[derive(Default)]
+struct Log {
+    /// Rows per written batch.
+    batches: Vec<u64>,
+    /// Every position stored, in order.
+    positions: Vec<Position>,
+}
+
+struct FakeDwh {
+    log: Arc<Mutex<Log>>,
+    /// Fail the write of this batch (0-based), after reading its rows.
+    fail_at: Option<usize>,
+}
+
+impl Dwh for FakeDwh {
+    async fn lock(&mut self, _job: &str) -> Result<bool, SinkError> {
+        Ok(true)
+    }
+    async fn unlock(&mut self, _job: &str) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn prepare_target(&mut self, _view: &View) -> Result<TargetState, SinkError> {
+        Ok(TargetState { copy_direct: false })
+    }
+    async fn read_position(&mut self, _job: &str) -> Result<Option<Position>, SinkError> {
+        Ok(self.log.lock().unwrap().positions.last().cloned())
+    }
+    async fn store_position(&mut self, _job: &str, p: &Position) -> Result<(), SinkError> {
+        self.log.lock().unwrap().positions.push(p.clone());
+        Ok(())
+    }
+    async fn check_target(&mut self, _view: &View) -> Result<Vec<String>, SinkError> {
+        Ok(Vec::new())
+    }
+    /// Text COPY: one line per row.
+    fn copy_sql(&self, view: &View, predicate: &str) -> String {
+        let cols: Vec<&str> = view.columns.iter().map(|c| c.expr.as_str()).collect();
+        format!(
+            "copy (select {} {}) to stdout",
+            cols.join(", "),
+            crate::view::sql::rows_of(view, predicate)
+        )
+    }
+    async fn write<S, E>(
+        &mut self,
+        _view: &View,
+        rows: S,
+        batch: Batch<'_>,
+    ) -> Result<Written, WriteError<E>>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+    {
+        futures_util::pin_mut!(rows);
+        let mut n = 0;
+        while let Some(chunk) = rows.next().await {
+            n += chunk
+                .map_err(WriteError::Rows)?
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count() as u64;
+        }
+        let mut log = self.log.lock().unwrap();
+        if self.fail_at == Some(log.batches.len()) {
+            return Err(WriteError::Sink(SinkError::Incompatible {
+                table: "fake".into(),
+                problems: vec!["the fake refuses this batch".into()],
+            }));
+        }
+        log.batches.push(n);
+        if let Some(p) = batch.position {
+            log.positions.push(p.clone());
+        }
+        Ok(Written {
+            rows: n,
+            changed: n,
+            ..Written::default()
+        })
+    }
+}
+
+struct Fixture {
+    cluster: crate::cluster::Cluster,
+    _dir: tempfile::TempDir,
+    ctx: Context,
+    job: Arc<JobSpec>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.cluster.discard();
+    }
+}
+
+async fn fixture(rows: i64, batch_size: i64) -> Fixture {
+    let cluster = tokio::task::spawn_blocking(crate::cluster::Cluster::start)
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the batch driver tests need PostgreSQL: {e}"));
+    let url = cluster.url("postgres");
+    let client = crate::pg::connect(&url, "test", "source").await.unwrap();
+    client
+        .batch_execute(&format!(
+            "create table orders (id bigint primary key, amount int);
+             insert into orders select g, g * 10 from generate_series(1, {rows}) g;"
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("jobs")).unwrap();
+    std::fs::write(
+        dir.path().join("pgtide.toml"),
+        format!("[sources.shop]\nurl = \"{url}\"\n[dwh]\nurl = \"{url}\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("jobs/orders.toml"),
+        format!(
+            "interval_secs = 60\nbatch_size = {batch_size}\nkey = [\"id\"]\n[from]\ntable = \"public.orders\"\n\
+             [[column]]\nname = \"id\"\nfrom = \"orders.id\"\n[[column]]\nname = \"amount\"\nfrom = \"orders.amount\"\n"
+        ),
+    )
+    .unwrap();
+    let config = Arc::new(crate::config::load(&dir.path().join("pgtide.toml")).unwrap());
+    let store = Store::open(&config.state_path).unwrap();
+    let job = config.jobs[0].clone();
+    Fixture {
+        cluster,
+        _dir: dir,
+        ctx: Context::new(config, store),
+        job,
+    }
+}
+
+async fn session(f: &Fixture, fail_at: Option<usize>) -> (Session<FakeDwh>, Arc<Mutex<Log>>) {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let source = f.ctx.connect_source(&f.job).await.unwrap();
+    let view = view::resolve(&source, &f.job).await.unwrap();
+    let s = Session {
+        source,
+        dwh: FakeDwh {
+            log: log.clone(),
+            fail_at,
+        },
+        view,
+        copy_direct: false,
+    };
+    (s, log)
+}
+
+#[tokio::test]
+async fn a_catch_up_writes_batches_in_order_each_with_the_position_after_it() {
+    let f = fixture(25, 10).await;
+    let (mut s, log) = session(&f, None).await;
+    let run = f.ctx.store.start_run(&f.job.name).await.unwrap();
+    let mut summary = RunSummary::default();
+    f.ctx.catch_up(&mut s, run, &mut summary).await.unwrap();
+    let log = log.lock().unwrap();
+    assert_eq!(log.batches, vec![10, 10, 5]);
+    assert_eq!(summary.rows, 25);
+    assert_eq!(summary.batches, 3);
+    let marks: Vec<Option<Vec<String>>> =
+        log.positions.iter().map(|p| p.watermark.clone()).collect();
+    assert_eq!(
+        marks,
+        vec![
+            Some(vec!["10".to_string()]),
+            Some(vec!["20".to_string()]),
+            Some(vec!["25".to_string()])
+        ]
+    );
+    assert!(
+        log.positions.windows(2).all(|w| w[0].seq < w[1].seq),
+        "every stored position is newer than the last"
+    );
+    // The local copy follows the DWH's, batch by batch.
+    let local = f.ctx.store.position(&f.job.name).await.unwrap().unwrap();
+    assert_eq!(&local, log.positions.last().unwrap());
+}
+
+#[tokio::test]
+async fn a_failed_batch_moves_no_position() {
+    let f = fixture(25, 10).await;
+    let (mut s, log) = session(&f, Some(1)).await;
+    let run = f.ctx.store.start_run(&f.job.name).await.unwrap();
+    let mut summary = RunSummary::default();
+    let err = f.ctx.catch_up(&mut s, run, &mut summary).await.unwrap_err();
+    assert!(err.to_string().contains("refuses"), "{err}");
+    let log = log.lock().unwrap();
+    assert_eq!(log.batches, vec![10]);
+    assert_eq!(log.positions.len(), 1);
+    let local = f.ctx.store.position(&f.job.name).await.unwrap().unwrap();
+    assert_eq!(local.watermark, Some(vec!["10".to_string()]));
+    assert_eq!(summary.rows, 10);
+}
+
+#[tokio::test]
+async fn a_stopping_run_ends_at_a_batch_boundary_without_writing() {
+    let f = fixture(25, 10).await;
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let ctx = f.ctx.clone().with_shutdown(shutdown);
+    trigger.fire();
+    let (mut s, log) = session(&f, None).await;
+    let run = ctx.store.start_run(&f.job.name).await.unwrap();
+    let mut summary = RunSummary::default();
+    let mut pos = Position::default();
+    let mut feed = Feed::Watermark(&mut pos);
+    let done = ctx
+        .drive(&mut s, run, &mut feed, &mut summary, &mut Instant::now())
+        .await
+        .unwrap();
+    assert!(!done, "a stopping run reports that it did not finish");
+    assert!(log.lock().unwrap().batches.is_empty());
+    assert_eq!(pos, Position::default());
+}
+
+#[tokio::test]
+async fn a_replay_reads_its_range_and_stores_no_position() {
+    let f = fixture(25, 10).await;
+    let (mut s, log) = session(&f, None).await;
+    let run = f.ctx.store.start_run(&f.job.name).await.unwrap();
+    let mut summary = RunSummary::default();
+    let mut feed = Feed::Replay {
+        lo: Some(vec!["5".into()]),
+        to: Some(vec!["17".into()]),
+    };
+    f.ctx
+        .drive(&mut s, run, &mut feed, &mut summary, &mut Instant::now())
+        .await
+        .unwrap();
+    let log = log.lock().unwrap();
+    assert_eq!(log.batches, vec![10, 2]);
+    assert!(log.positions.is_empty());
+    assert_eq!(summary.rows, 12);
+}

@@ -1,0 +1,536 @@
+//! ClickHouse as the DWH, end to end: a real PostgreSQL source, a real ClickHouse server
+//! (Debian's `clickhouse-server`), the real binary.
+
+mod support;
+
+use support::clickhouse as ch;
+use support::Env;
+
+/// A source with `orders`, and a config whose DWH is a fresh ClickHouse database.
+async fn env() -> (Env, String) {
+    let env = Env::new().await;
+    let db = ch::database().await;
+    let toml = format!(
+        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"{}\"\n",
+        env.src_url,
+        ch::clickhouse_url(&db)
+    );
+    std::fs::write(env.config(), toml).unwrap();
+    (env, db)
+}
+
+const ORDERS: &str = "
+    create table orders (id bigint primary key, amount numeric(10, 2) not null, note text,
+                         updated_at timestamptz not null default now());
+    insert into orders select g, g * 1.5, case when g % 3 = 0 then null else 'n' || g end
+      from generate_series(1, 2500) g;";
+
+const POLL_JOB: &str = r#"
+    interval_secs = 60
+    batch_size = 1000
+    key = ["id"]
+    [from]
+    table = "orders"
+    [[column]]
+    name = "id"
+    from = "orders.id"
+    [[column]]
+    name = "amount"
+    from = "orders.amount"
+    [[column]]
+    name = "note"
+    from = "orders.note"
+    "#;
+
+/// The view as ClickHouse should hold it, one TabSeparated line per row, by id.
+async fn expected(env: &Env) -> String {
+    let rows = env
+        .src
+        .query(
+            "select id::text || E'\\t' || amount::text || E'\\t' || coalesce(note, '\\N') from orders order by id",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| format!("{}\n", r.get::<_, String>(0)))
+        .collect()
+}
+
+/// What a reader of the target sees: the newest version of every key not deleted.
+async fn target(db: &str, table: &str, cols: &str) -> String {
+    ch::query(&format!(
+        "select {cols} from {db}.{table} final where _pgtide_deleted = 0 order by id format TabSeparated"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn poll_job_first_and_incremental_loads() {
+    let (env, db) = env().await;
+    env.src.batch_execute(ORDERS).await.unwrap();
+    env.job("orders", POLL_JOB);
+    env.pgtide(&["check"]).await.ok();
+    let out = env.pgtide(&["run-once"]).await.ok();
+    assert_eq!(out.rows_read(), 2500);
+    assert_eq!(
+        target(&db, "orders", "id, amount, note").await,
+        expected(&env).await
+    );
+    let ty = ch::query(&format!(
+        "select name, type from system.columns where database = '{db}' and table = 'orders' format TabSeparated"
+    ))
+    .await;
+    assert!(ty.contains("id\tInt64\n"), "{ty}");
+    assert!(ty.contains("amount\tDecimal(10, 2)\n"), "{ty}");
+    assert!(ty.contains("note\tNullable(String)\n"), "{ty}");
+    assert!(ty.contains("_pgtide_version\tUInt64\n"), "{ty}");
+
+    // New and changed rows: only they are read, and the newest version wins.
+    env.src
+        .batch_execute(
+            "insert into orders select g, g, 'new' from generate_series(2501, 2600) g;
+             update orders set note = 'changed', updated_at = now() where id = 2600;",
+        )
+        .await
+        .unwrap();
+    let out = env.pgtide(&["run-once"]).await.ok();
+    assert_eq!(out.rows_read(), 100);
+    assert_eq!(
+        target(&db, "orders", "id, amount, note").await,
+        expected(&env).await
+    );
+    // The position is in ClickHouse as well.
+    let pos = ch::query(&format!(
+        "select argMax(position, seq) from {db}.pgtide_positions where job = 'orders' format TabSeparated"
+    ))
+    .await;
+    assert!(pos.contains("2600"), "{pos}");
+    // A run with nothing new writes nothing.
+    assert_eq!(env.pgtide(&["run-once"]).await.ok().rows_read(), 0);
+}
+
+#[tokio::test]
+async fn every_mapped_type_arrives_as_its_clickhouse_type() {
+    let (env, db) = env().await;
+    env.src
+        .batch_execute(
+            "create type mood as enum ('sad', 'ok', 'happy');
+             create table t (id integer primary key, s smallint, b bigint, r real, d double precision,
+               n numeric(12, 4), nu numeric, flag boolean, day date, at timestamptz, local timestamp,
+               u uuid, tx text, vc varchar(10), j jsonb, ia integer[], ta text[], m mood, iv interval);
+             insert into t values
+              (1, -3, 9007199254740993, 1.5, 0.1, 12345678.1234, 3.14159265358979323846, true,
+               '2025-01-31', '2025-01-31 12:34:56.789+02', '2025-01-31 01:02:03', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+               e'tab\\there\\nnew ''q'' \\\\ back', 'short', '{\"k\": [1, \"x\"]}', '{1,NULL,3}', '{\"a b\",\"it''s\",NULL}',
+               'happy', '1 day 02:00:00'),
+              (2, null, null, 'NaN', '-Infinity', null, null, false, null, null, null, null, null, null, null, null, '{}', null, null);",
+        )
+        .await
+        .unwrap();
+    env.job(
+        "t",
+        r#"interval_secs = 60
+        key = ["id"]
+        [from]
+        table = "t"
+        [[column]]
+        name = "id"
+        from = "t.id"
+        [[column]]
+        name = "s"
+        from = "t.s"
+        [[column]]
+        name = "b"
+        from = "t.b"
+        [[column]]
+        name = "r"
+        from = "t.r"
+        [[column]]
+        name = "d"
+        from = "t.d"
+        [[column]]
+        name = "n"
+        from = "t.n"
+        [[column]]
+        name = "nu"
+        from = "t.nu"
+        [[column]]
+        name = "flag"
+        from = "t.flag"
+        [[column]]
+        name = "day"
+        from = "t.day"
+        [[column]]
+        name = "at"
+        from = "t.at"
+        [[column]]
+        name = "local"
+        from = "t.local"
+        [[column]]
+        name = "u"
+        from = "t.u"
+        [[column]]
+        name = "tx"
+        from = "t.tx"
+        [[column]]
+        name = "vc"
+        from = "t.vc"
+        [[column]]
+        name = "j"
+        from = "t.j"
+        [[column]]
+        name = "ia"
+        from = "t.ia"
+        [[column]]
+        name = "ta"
+        from = "t.ta"
+        [[column]]
+        name = "m"
+        from = "t.m"
+        [[column]]
+        name = "iv"
+        from = "t.iv"
+        [[column]]
+        name = "at_ms"
+        from = "t.at"
+        type = "Nullable(String)"
+        "#,
+    );
+    env.pgtide(&["run-once"]).await.ok();
+    let types = ch::query(&format!(
+        "select name, type from system.columns where database = '{db}' and table = 't' format TabSeparated"
+    ))
+    .await
+    .replace("\\'", "'");
+    let version = ch::query("select version()").await;
+    let datetime64 = !version.starts_with("18.") && !version.starts_with("19.");
+    let ts = if datetime64 {
+        "DateTime64(6, 'UTC')"
+    } else {
+        "DateTime('UTC')"
+    };
+    for expected in [
+        "id\tInt32".to_string(),
+        "s\tNullable(Int16)".into(),
+        "b\tNullable(Int64)".into(),
+        "r\tNullable(Float32)".into(),
+        "d\tNullable(Float64)".into(),
+        "n\tNullable(Decimal(12, 4))".into(),
+        "nu\tNullable(String)".into(),
+        "flag\tNullable(UInt8)".into(),
+        "day\tNullable(Date)".into(),
+        format!("at\tNullable({ts})"),
+        format!("local\tNullable({ts})"),
+        "u\tNullable(UUID)".into(),
+        "tx\tNullable(String)".into(),
+        "vc\tNullable(String)".into(),
+        "j\tNullable(String)".into(),
+        "ia\tArray(Nullable(Int32))".into(),
+        "ta\tArray(Nullable(String))".into(),
+        "m\tNullable(String)".into(),
+        "iv\tNullable(String)".into(),
+        "at_ms\tNullable(String)".into(),
+    ] {
+        assert!(
+            types.contains(&format!("{expected}\n")),
+            "{expected} not in:\n{types}"
+        );
+    }
+    let row = |cols: &str| {
+        let db = db.clone();
+        let cols = cols.to_string();
+        async move {
+            ch::query(&format!(
+                "select {cols} from {db}.t final order by id format TabSeparated"
+            ))
+            .await
+        }
+    };
+    assert_eq!(
+        row("s, b, r, d, n, nu, flag, day").await,
+        "-3\t9007199254740993\t1.5\t0.1\t12345678.1234\t3.14159265358979323846\t1\t2025-01-31\n\
+         \\N\t\\N\tnan\t-inf\t\\N\t\\N\t0\t\\N\n"
+    );
+    let at = if datetime64 {
+        "2025-01-31 10:34:56.789000\t2025-01-31 01:02:03.000000"
+    } else {
+        "2025-01-31 10:34:56\t2025-01-31 01:02:03"
+    };
+    assert_eq!(row("at, local").await, format!("{at}\n\\N\t\\N\n"));
+    assert_eq!(
+        row("u, tx, vc, j").await,
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11\ttab\\there\\nnew \\'q\\' \\\\ back\tshort\t{\"k\": [1, \"x\"]}\n\
+         \\N\t\\N\t\\N\t\\N\n"
+    );
+    assert_eq!(
+        row("ia, ta, m, iv").await,
+        "[1,NULL,3]\t['a b','it\\'s',NULL]\thappy\t1 day 02:00:00\n[]\t[]\t\\N\t\\N\n"
+    );
+    // A text element with a quote arrives whole.
+    let el = ch::query(&format!(
+        "select ta[2] as el, length(ta[2]) as n from {db}.t final where id = 1 format JSONEachRow"
+    ))
+    .await;
+    assert_eq!(el.trim(), r#"{"el":"it's","n":"4"}"#);
+}
+
+const NOTIFY_JOB: &str = r#"
+    mode = "notify"
+    batch_size = 50
+    key = ["id"]
+    on_delete = "ON_DELETE"
+    [from]
+    table = "orders"
+    [[column]]
+    name = "id"
+    from = "orders.id"
+    [[column]]
+    name = "amount"
+    from = "orders.amount"
+    [[column]]
+    name = "note"
+    from = "orders.note"
+    "#;
+
+#[tokio::test]
+async fn notify_job_with_deletes_and_soft_deletes() {
+    for on_delete in ["delete", "soft"] {
+        let (env, db) = env().await;
+        env.src.batch_execute(ORDERS).await.unwrap();
+        env.job("orders", &NOTIFY_JOB.replace("ON_DELETE", on_delete));
+        env.pgtide(&["install", "orders"]).await.ok();
+        env.pgtide(&["run-once"]).await.ok();
+        assert_eq!(
+            target(&db, "orders", "id, amount, note").await,
+            expected(&env).await
+        );
+        env.src
+            .batch_execute(
+                "delete from orders where id between 10 and 19;
+                 update orders set note = 'upd' where id = 5;
+                 insert into orders values (9000, 1, 'late');",
+            )
+            .await
+            .unwrap();
+        env.pgtide(&["run-once"]).await.ok();
+        assert_eq!(
+            target(&db, "orders", "id, amount, note").await,
+            expected(&env).await,
+            "on_delete = {on_delete}"
+        );
+        let marked = ch::query(&format!(
+            "select count(), min(id), max(id), countIf(amount != 0) from {db}.orders final where _pgtide_deleted = 1 format TabSeparated"
+        ))
+        .await;
+        let kept = if on_delete == "soft" { 10 } else { 0 };
+        assert_eq!(
+            marked,
+            format!("10\t10\t19\t{kept}\n"),
+            "on_delete = {on_delete}"
+        );
+        // A TRUNCATE marks every key.
+        env.src
+            .batch_execute("truncate orders; insert into orders values (1, 2, 'again');")
+            .await
+            .unwrap();
+        env.pgtide(&["run-once"]).await.ok();
+        assert_eq!(
+            target(&db, "orders", "id, amount, note").await,
+            "1\t2.00\tagain\n",
+            "on_delete = {on_delete}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_crash_between_rows_and_position_converges_on_the_next_run() {
+    let (env, db) = env().await;
+    env.src.batch_execute(ORDERS).await.unwrap();
+    env.job("orders", POLL_JOB);
+    let out = env
+        .command(&["run-once"])
+        .env("PGTIDE_CRASH_BEFORE_CH_POSITION", "1")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "the crash point must stop the run");
+    env.wait_until_gone("orders").await;
+    // The rows of the first batch are in, its position is not.
+    let n = ch::query(&format!(
+        "select count() from {db}.orders format TabSeparated"
+    ))
+    .await;
+    assert_eq!(n, "1000\n");
+    let out = env.pgtide(&["run-once"]).await.ok();
+    assert_eq!(
+        out.rows_read(),
+        2500,
+        "the batch without a position is read again"
+    );
+    assert_eq!(
+        target(&db, "orders", "id, amount, note").await,
+        expected(&env).await
+    );
+    // Written twice, read once: `final` shows each key once.
+    let dup = ch::query(&format!(
+        "select count() from {db}.orders final format TabSeparated"
+    ))
+    .await;
+    assert_eq!(dup, "2500\n");
+}
+
+#[tokio::test]
+async fn a_sigkill_mid_load_then_a_run_converges() {
+    let (env, db) = env().await;
+    env.src
+        .batch_execute(
+            "create table orders (id bigint primary key, amount numeric(10, 2) not null, note text,
+                                  updated_at timestamptz not null default now());
+             insert into orders select g, g, repeat('x', 200) from generate_series(1, 200000) g;",
+        )
+        .await
+        .unwrap();
+    env.job(
+        "orders",
+        &POLL_JOB.replace("batch_size = 1000", "batch_size = 5000"),
+    );
+    let mut child = env.command(&["run-once"]).spawn().unwrap();
+    let count = || async {
+        if ch::query(&format!("exists table {db}.orders format TabSeparated")).await != "1\n" {
+            return 0;
+        }
+        ch::query(&format!(
+            "select count() from {db}.orders format TabSeparated"
+        ))
+        .await
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count().await < 20000 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert!(!status.success(), "pgtide was killed mid-load");
+    assert!(count().await < 200000, "the kill came before the end");
+    env.wait_until_gone("orders").await;
+    env.pgtide(&["run-once"]).await.ok();
+    let seen = ch::query(&format!(
+        "select count(), sum(id), min(amount), max(amount) from {db}.orders final where _pgtide_deleted = 0 format TabSeparated"
+    ))
+    .await;
+    assert_eq!(seen, "200000\t20000100000\t1.00\t200000.00\n");
+}
+
+#[tokio::test]
+async fn a_server_that_is_down_names_the_job_and_keeps_the_password_out() {
+    let env = Env::new().await;
+    env.src.batch_execute(ORDERS).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = format!(
+        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"clickhouse://pgtide:s3cr3t-pw@127.0.0.1:{port}/x\"\n",
+        env.src_url
+    );
+    std::fs::write(env.config(), toml).unwrap();
+    env.job("orders", POLL_JOB);
+    let out = env.pgtide(&["run-once"]).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr());
+    let err = out.stderr();
+    assert!(err.contains("job orders"), "{err}");
+    assert!(err.contains(&port.to_string()), "{err}");
+    assert!(!err.contains("s3cr3t-pw"), "{err}");
+    // A wrong password: ClickHouse's own message, without the password.
+    let db = ch::database().await;
+    let bad = ch::server().pgtide_url(&db).replace("@127", "wrong@127");
+    let toml = format!(
+        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"{bad}\"\n",
+        env.src_url
+    );
+    std::fs::write(env.config(), toml).unwrap();
+    let out = env.pgtide(&["run-once"]).await;
+    assert_eq!(out.code(), 1, "{}", out.stderr());
+    let err = out.stderr();
+    assert!(
+        err.contains("job orders") && err.contains("password"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong"), "{err}");
+}
+
+#[tokio::test]
+async fn replay_rewrites_a_range_with_newer_versions() {
+    let (env, db) = env().await;
+    env.src.batch_execute(ORDERS).await.unwrap();
+    env.job("orders", POLL_JOB);
+    env.pgtide(&["run-once"]).await.ok();
+    // Someone damaged the target, with a version newer than pgtide's.
+    ch::execute(&format!(
+        "insert into {db}.orders (id, amount, note, _pgtide_version) values (7, 0, 'damaged', 4000000000000000000)"
+    ))
+    .await;
+    assert!(target(&db, "orders", "id, amount, note")
+        .await
+        .contains("damaged"));
+    let out = env
+        .pgtide(&["replay", "orders", "--from", "5", "--to", "10"])
+        .await
+        .ok();
+    assert!(out.stdout().contains("replayed 5 rows"), "{}", out.stdout());
+    assert_eq!(
+        target(&db, "orders", "id, amount, note").await,
+        expected(&env).await
+    );
+    // The stored position did not move.
+    let st = env.pgtide(&["status", "--json"]).await.ok();
+    assert!(st.stdout().contains("\"2500\""), "{}", st.stdout());
+}
+
+#[tokio::test]
+async fn check_reports_an_incompatible_column_before_anything_is_written() {
+    let (env, db) = env().await;
+    env.src.batch_execute(ORDERS).await.unwrap();
+    env.job("orders", POLL_JOB);
+    ch::execute(&format!(
+        "create table {db}.orders (id Int64, amount String, note Nullable(String), _pgtide_loaded_at DateTime, \
+         _pgtide_version UInt64, _pgtide_deleted UInt8) engine = ReplacingMergeTree(_pgtide_version) order by id"
+    ))
+    .await;
+    let out = env.pgtide(&["check"]).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("column amount is String, the job writes Decimal(10, 2)"),
+        "{}",
+        out.stderr()
+    );
+    let out = env.pgtide(&["run-once"]).await;
+    assert_eq!(out.code(), 1);
+    assert_eq!(
+        ch::query(&format!(
+            "select count() from {db}.orders format TabSeparated"
+        ))
+        .await,
+        "0\n"
+    );
+    // A column the job gained is added.
+    ch::execute(&format!("drop table {db}.orders")).await;
+    env.pgtide(&["run-once"]).await.ok();
+    env.job(
+        "orders",
+        &format!("{POLL_JOB}\n[[column]]\nname = \"updated\"\nfrom = \"orders.updated_at\"\n"),
+    );
+    env.pgtide(&["reset", "orders"]).await.ok();
+    env.pgtide(&["run-once"]).await.ok();
+    let n = ch::query(&format!(
+        "select count() from {db}.orders final where updated > toDateTime('2000-01-01 00:00:00') format TabSeparated"
+    ))
+    .await;
+    assert_eq!(n, "2500\n");
+}
