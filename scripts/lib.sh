@@ -56,9 +56,12 @@ ensure_cargo() {
 
 # Stop PostgreSQL servers left behind by test runs that were killed before they could clean up.
 stop_stale_test_clusters() {
-  local d
+  local d owner
   for d in /tmp/pgtide-standby-*/data /tmp/pgtide-pg-*/data; do
     [ -f "$d/postmaster.pid" ] || continue
+    # A cluster whose owning process still runs belongs to a test run going on elsewhere.
+    owner=$(cat "$(dirname "$d")/owner.pid" 2>/dev/null || true)
+    if [ -n "$owner" ] && kill -0 "$owner" 2>/dev/null; then continue; fi
     if [ "$(id -u)" -eq 0 ]; then
       runuser -u postgres -- "$(pg_bindir)/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
     else

@@ -79,6 +79,12 @@ pub fn find_bin() -> Result<PathBuf, ClusterError> {
     Err(ClusterError::NoBinaries)
 }
 
+/// Name this process as the owner of a cluster directory, so that cleaning up after killed test
+/// runs (`scripts/lib.sh`) spares the clusters of runs still going.
+fn mark_owner(dir: &Path) {
+    let _ = std::fs::write(dir.join("owner.pid"), std::process::id().to_string());
+}
+
 fn free_port() -> Result<u16, ClusterError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -95,6 +101,7 @@ impl Cluster {
             .prefix("pgtide-pg-")
             .tempdir()
             .map_err(ClusterError::TempDir)?;
+        mark_owner(dir.path());
         if as_postgres {
             run(Command::new("chown").arg("postgres:").arg(dir.path()))?;
         }
@@ -129,6 +136,7 @@ impl Cluster {
             .prefix("pgtide-standby-")
             .tempdir()
             .map_err(ClusterError::TempDir)?;
+        mark_owner(dir.path());
         if self.as_postgres {
             run(Command::new("chown").arg("postgres:").arg(dir.path()))?;
         }
