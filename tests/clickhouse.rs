@@ -534,3 +534,160 @@ async fn check_reports_an_incompatible_column_before_anything_is_written() {
     .await;
     assert_eq!(n, "2500\n");
 }
+
+#[tokio::test]
+async fn the_daemon_follows_a_notify_job_and_polls_into_clickhouse() {
+    let (env, db) = env().await;
+    env.src
+        .batch_execute(
+            "create table orders (id bigint primary key, amount numeric(10, 2) not null, note text,
+                                  updated_at timestamptz not null default now());
+             insert into orders select g, g, 'x' from generate_series(1, 300) g;
+             create table events (id bigint primary key, v text);
+             insert into events select g, 'e' || g from generate_series(1, 50) g;",
+        )
+        .await
+        .unwrap();
+    env.job("orders", &NOTIFY_JOB.replace("ON_DELETE", "delete"));
+    env.job(
+        "events",
+        "interval_secs = 1\nkey = [\"id\"]\n[from]\ntable = \"events\"\n[[column]]\nname = \"id\"\nfrom = \"events.id\"\n[[column]]\nname = \"v\"\nfrom = \"events.v\"\n",
+    );
+    env.pgtide(&["install", "orders"]).await.ok();
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = env
+        .command(&["run"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let live = |table: &'static str| {
+        let db = db.clone();
+        async move {
+            if ch::query(&format!("exists table {db}.{table} format TabSeparated")).await != "1\n" {
+                return 0;
+            }
+            ch::query(&format!(
+                "select count() from {db}.{table} final where _pgtide_deleted = 0 format TabSeparated"
+            ))
+            .await
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+        }
+    };
+    support::wait_for(60, "the first loads", || async {
+        live("orders").await == 300 && live("events").await == 50
+    })
+    .await;
+    env.src
+        .batch_execute(
+            "delete from orders where id <= 100; insert into orders values (1000, 1, 'new');
+             insert into events values (51, 'late');",
+        )
+        .await
+        .unwrap();
+    support::wait_for(60, "the changes to arrive", || async {
+        live("orders").await == 201 && live("events").await == 51
+    })
+    .await;
+    assert_eq!(
+        target(&db, "orders", "id, amount, note").await,
+        expected(&env).await
+    );
+    unsafe { libc::kill(daemon.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(std::time::Duration::from_secs(70), daemon.wait())
+        .await
+        .expect("the daemon stops in time")
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let st = env.pgtide(&["status", "--json"]).await.ok();
+    let v: serde_json::Value = serde_json::from_str(&st.stdout()).unwrap();
+    let events = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["job"] == "events")
+        .unwrap();
+    assert_eq!(events["watermark"], serde_json::json!(["51"]));
+    assert_eq!(events["last_run"]["outcome"], "ok");
+    // A reset reloads everything on the next run; what a reader sees stays the same.
+    env.pgtide(&["reset", "events"]).await.ok();
+    let out = env.pgtide(&["run-once", "events"]).await.ok();
+    assert_eq!(out.rows_read(), 51);
+    assert_eq!(live("events").await, 51);
+}
+
+/// Forward connections on `port` to the test ClickHouse server's HTTP port, from now on.
+async fn proxy(port: u16) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let to = ch::server().http_port;
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test]
+async fn the_daemon_waits_for_a_clickhouse_that_is_not_up_yet() {
+    let env = Env::new().await;
+    let db = ch::database().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = format!(
+        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"clickhouse://127.0.0.1:{port}/{db}\"\n",
+        env.src_url
+    );
+    std::fs::write(env.config(), toml).unwrap();
+    env.src.batch_execute(ORDERS).await.unwrap();
+    env.job(
+        "orders",
+        &POLL_JOB.replace("interval_secs = 60", "interval_secs = 1"),
+    );
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = env
+        .command(&["run"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    support::wait_for(30, "a failed attempt to be retried", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("retry")
+    })
+    .await;
+    let proxy = proxy(port).await;
+    support::wait_for(90, "the load once ClickHouse is up", || async {
+        ch::query(&format!("exists table {db}.orders format TabSeparated")).await == "1\n"
+            && target(&db, "orders", "id, amount, note").await == expected(&env).await
+    })
+    .await;
+    unsafe { libc::kill(daemon.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(std::time::Duration::from_secs(70), daemon.wait())
+        .await
+        .expect("the daemon stops in time")
+        .unwrap();
+    proxy.abort();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("transient failure; retrying"), "{log}");
+    assert!(
+        !log.contains("run failed"),
+        "a refused connection is transient:\n{log}"
+    );
+}
