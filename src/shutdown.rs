@@ -120,3 +120,11 @@ mod tests {
         assert!(waited.is_err(), "recv of a never signal must not return");
     }
 }
+
+/// A crash on purpose, for tests of what a crash at this point leaves behind (debug builds).
+pub fn crash_point(name: &str) {
+    if cfg!(debug_assertions) && std::env::var_os(name).is_some() {
+        eprintln!("pgtide: {name} is set: aborting here");
+        std::process::abort();
+    }
+}

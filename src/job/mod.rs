@@ -20,9 +20,9 @@ use tokio_postgres::Client;
 use crate::config::{Config, DwhKind, JobSpec, Mode};
 use crate::pg::{self, PgError, Retry};
 use crate::position::Position;
-use crate::shutdown::Shutdown;
-pub use crate::sink::dwh::Warehouse;
+use crate::shutdown::{crash_point, Shutdown};
 use crate::sink::dwh::{Batch, Dwh, WriteError};
+pub use crate::sink::warehouse::Warehouse;
 use crate::sink::{self, SinkError};
 use crate::source::{self, notify};
 pub use crate::state::Tally;
@@ -477,13 +477,5 @@ impl Context {
             self.store.advance(&s.view.job.name, pos).await?;
         }
         Ok((applied, settled.closed))
-    }
-}
-
-/// A crash on purpose, for tests of what a crash at this point leaves behind (debug builds).
-pub(crate) fn crash_point(name: &str) {
-    if cfg!(debug_assertions) && std::env::var_os(name).is_some() {
-        eprintln!("pgtide: {name} is set: aborting here");
-        std::process::abort();
     }
 }

@@ -14,6 +14,7 @@ use crate::view::View;
 pub mod clickhouse;
 pub mod dwh;
 mod target;
+pub mod warehouse;
 
 pub use target::{check_target, ensure_target, TargetState};
 

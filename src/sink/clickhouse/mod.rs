@@ -363,7 +363,7 @@ impl Dwh for ClickHouse {
             written.deleted = self.remove_missing(view, m, &tagger.keys, version).await?;
         }
         if let Some(p) = batch.position {
-            crate::job::crash_point("PGTIDE_CRASH_BEFORE_CH_POSITION");
+            crate::shutdown::crash_point("PGTIDE_CRASH_BEFORE_CH_POSITION");
             self.write_position(&view.job.name, p).await?;
         }
         Ok(written)
