@@ -10,6 +10,9 @@
 //!
 //! Client certificates: `sslcert`/`sslkey`, default `~/.postgresql/postgresql.crt`/`.key` when
 //! they exist.
+//!
+//! ClickHouse's HTTPS connections build their rustls configuration here too (`rustls_config`,
+//! `load_roots`, `system_roots`, `load_client_cert`), so both DWHs check certificates alike.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -45,18 +48,8 @@ fn postgresql_dir() -> Option<PathBuf> {
 /// The rustls configuration for a connection string, or why it cannot be made (a missing or
 /// unreadable file, a weak mode with `sslrootcert=system`).
 pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
-    let provider = provider();
     if info.sslmode == SslMode::Disable {
-        let config = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier {
-                inner: None,
-                check_name: false,
-                provider,
-            }))
-            .with_no_client_auth();
+        let config = rustls_config(None, false, None)?;
         return Ok((MakeTls::new(config), TlsFiles::default()));
     }
     let verify = matches!(info.sslmode, SslMode::VerifyCa | SslMode::VerifyFull);
@@ -69,14 +62,8 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
                     info.sslmode.as_str()
                 ));
             }
-            let found = rustls_native_certs::load_native_certs();
-            let mut store = RootCertStore::empty();
-            store.add_parsable_certificates(found.certs);
-            if store.is_empty() {
-                return Err("sslrootcert=system: the system has no trusted root certificates (install ca-certificates)".into());
-            }
-            files.roots = Some("the system's trusted roots".into());
-            Some(store)
+            files.roots = Some(SYSTEM_ROOTS.into());
+            Some(system_roots().map_err(|e| format!("sslrootcert=system: {e}"))?)
         }
         Some(path) => {
             files.roots = Some(path.to_string());
@@ -101,6 +88,26 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
             }
         }
     };
+    let config = rustls_config(
+        roots,
+        info.sslmode == SslMode::VerifyFull,
+        client_cert(info)?,
+    )?;
+    Ok((MakeTls::new(config), files))
+}
+
+/// How [`TlsFiles::roots`] names the system's trusted roots.
+pub const SYSTEM_ROOTS: &str = "the system's trusted roots";
+
+/// A rustls client configuration, shared by PostgreSQL and ClickHouse connections: the server's
+/// chain checked against `roots` (not at all without them), its name too when `check_name`, and
+/// a client certificate when given. The handshake's signatures are always checked.
+pub fn rustls_config(
+    roots: Option<RootCertStore>,
+    check_name: bool,
+    client: Option<ClientCert>,
+) -> Result<ClientConfig, String> {
+    let provider = provider();
     let inner = match roots {
         Some(store) => Some(
             WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
@@ -111,7 +118,7 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
     };
     let verifier = Verifier {
         inner,
-        check_name: info.sslmode == SslMode::VerifyFull,
+        check_name,
         provider: provider.clone(),
     };
     let builder = ClientConfig::builder_with_provider(provider)
@@ -119,16 +126,27 @@ pub fn client_config(info: &ConnInfo) -> Result<(MakeTls, TlsFiles), String> {
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
-    let config = match client_cert(info)? {
+    Ok(match client {
         Some((certs, key)) => builder
             .with_client_auth_cert(certs, key)
             .map_err(|e| format!("client certificate: {e}"))?,
         None => builder.with_no_client_auth(),
-    };
-    Ok((MakeTls::new(config), files))
+    })
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+/// The system's trusted root certificates (Debian's ca-certificates), or why there are none.
+pub fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut store = RootCertStore::empty();
+    store.add_parsable_certificates(found.certs);
+    if store.is_empty() {
+        return Err("the system has no trusted root certificates (install ca-certificates)".into());
+    }
+    Ok(store)
+}
+
+/// The root certificates in a PEM file, or why it cannot be used.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     let certs = read_certs(path, "root certificate file")?;
     let mut store = RootCertStore::empty();
     let (_, bad) = store.add_parsable_certificates(certs);
@@ -156,7 +174,8 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, S
     Ok(certs)
 }
 
-type ClientCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+/// A client certificate chain and its private key.
+pub type ClientCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 /// The client certificate and key: the given files (an error when unreadable), else the default
 /// files when the certificate exists.
@@ -179,15 +198,20 @@ fn client_cert(info: &ConnInfo) -> Result<Option<ClientCert>, String> {
             None => return Err("client certificate given without sslkey".into()),
         },
     };
-    let certs = read_certs(&cert, "client certificate file")?;
-    let meta = std::fs::metadata(&key).map_err(|e| {
+    load_client_cert(&cert, &key).map(Some)
+}
+
+/// A client certificate and its key from PEM files. As libpq, the key must be private to its
+/// owner, or readable by the group only when root owns it (a key installed by a package for a
+/// service group).
+pub fn load_client_cert(cert: &Path, key: &Path) -> Result<ClientCert, String> {
+    let certs = read_certs(cert, "client certificate file")?;
+    let meta = std::fs::metadata(key).map_err(|e| {
         format!(
             "certificate present, but not private key file \"{}\": {e}",
             key.display()
         )
     })?;
-    // As libpq: the key must be private to its owner, or readable by the group only when
-    // root owns it (a key installed by a package for a service group).
     let mode = meta.mode() & 0o777;
     let private = if meta.uid() == 0 {
         mode & 0o037 == 0
@@ -200,11 +224,11 @@ fn client_cert(info: &ConnInfo) -> Result<Option<ClientCert>, String> {
             key.display()
         ));
     }
-    let bytes = std::fs::read(&key)
+    let bytes = std::fs::read(key)
         .map_err(|e| format!("could not read private key file \"{}\": {e}", key.display()))?;
     let key_der = PrivateKeyDer::from_pem_slice(&bytes)
         .map_err(|e| format!("could not load private key file \"{}\": {e}", key.display()))?;
-    Ok(Some((certs, key_der)))
+    Ok((certs, key_der))
 }
 
 /// Checks the server's certificate as the `sslmode` asks: not at all, the chain only, or the
