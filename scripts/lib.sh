@@ -23,6 +23,27 @@ ensure_postgres() {
   pg_bindir >/dev/null || { echo "initdb still not found after installing postgresql" >&2; exit 1; }
 }
 
+# Debian's clickhouse-server (18.16 on Debian 12) for the ClickHouse tests, which start their own
+# throwaway server from /usr/sbin/clickhouse-server. The package's own service is not started:
+# a policy-rc.d that denies every start is put in place for the install when none is there.
+ensure_clickhouse() {
+  if [ -x /usr/sbin/clickhouse-server ]; then return 0; fi
+  echo "clickhouse-server not found: installing Debian's clickhouse-server and clickhouse-client packages" >&2
+  local policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod 755 "$policy"
+  fi
+  as_root apt-get update -q
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends \
+    clickhouse-server clickhouse-client || rc=$?
+  if [ -n "$policy" ]; then as_root rm -f "$policy"; fi
+  [ "$rc" -eq 0 ] || { echo "installing clickhouse-server failed" >&2; exit 1; }
+  [ -x /usr/sbin/clickhouse-server ] || { echo "/usr/sbin/clickhouse-server still not found after installing clickhouse-server" >&2; exit 1; }
+}
+
 # systemd-analyze, for tests/systemd.rs (verify and security --offline of the shipped units):
 # Debian's systemd package; no running systemd is needed.
 ensure_systemd_analyze() {
@@ -68,6 +89,22 @@ stop_stale_test_clusters() {
       "$(pg_bindir)/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
     fi
     rm -rf "$(dirname "$d")"
+  done
+}
+
+# Kill ClickHouse servers left behind by test runs that were killed before they could clean up:
+# those whose test process (owner.pid, written by tests/support/clickhouse.rs) is gone.
+stop_stale_test_clickhouse() {
+  local d owner pid
+  for d in /tmp/pgtide-ch-*; do
+    [ -d "$d" ] || continue
+    owner=$(cat "$d/owner.pid" 2>/dev/null || true)
+    if [ -n "$owner" ] && kill -0 "$owner" 2>/dev/null; then continue; fi
+    pid=$(cat "$d/server.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$d/config.xml"; then
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -rf "$d"
   done
 }
 

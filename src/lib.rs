@@ -14,6 +14,8 @@
 //! - `shutdown`: the one shutdown signal passed down to every task; SIGINT and SIGTERM.
 //! - `pg`: the one connection layer (libpq connection strings, TLS, the password file, several
 //!   hosts), quoting, secret-free messages, error classification.
+//! - `clickhouse`: ClickHouse as a DWH over its HTTP interface: URLs, a keep-alive client
+//!   with streamed inserts and results, its errors and their retry policy.
 //! - `cluster`: a throwaway local PostgreSQL (for `demo` and the tests).
 //! - `demo`: the `pgtide demo` command.
 //! - `import`: InsightForge view documents turned into job files.

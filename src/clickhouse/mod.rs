@@ -78,6 +78,8 @@ pub struct Client {
     connect_timeout: Duration,
     request_timeout: Duration,
     opened: u64,
+    /// ClickHouse settings sent with every request, as URL parameters.
+    settings: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Client {
@@ -121,6 +123,7 @@ impl Client {
             connect_timeout: url.connect_timeout().unwrap_or(crate::pg::CONNECT_TIMEOUT),
             request_timeout: REQUEST_TIMEOUT,
             opened: 0,
+            settings: Vec::new(),
         };
         // The first answer is part of connecting: a server that takes the connection but does
         // not answer counts as down after the connect timeout, not the request timeout.
@@ -161,6 +164,26 @@ impl Client {
         self.opened
     }
 
+    /// Send the ClickHouse setting `name` = `value` with every request that follows (as a URL
+    /// parameter, as ClickHouse's HTTP interface takes settings), replacing an earlier value.
+    /// The server checks it, on the next request. A name that is not a setting's (letters,
+    /// digits and `_`, or a parameter of the HTTP interface itself) is refused here.
+    pub fn set_setting(&mut self, name: &str, value: &str) -> Result<(), ChError> {
+        let reserved = ["database", "query", "user", "password", "wait_end_of_query"];
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || reserved.contains(&name)
+        {
+            return Err(ChError::Response {
+                what: self.what.clone(),
+                message: format!("\"{name}\" is not a setting pgtide can send"),
+            });
+        }
+        self.settings.retain(|(n, _)| n != name);
+        self.settings.push((name.to_string(), value.to_string()));
+        Ok(())
+    }
+
     /// Replace [`REQUEST_TIMEOUT`] for the requests that follow.
     pub fn set_request_timeout(&mut self, timeout: Duration) {
         self.request_timeout = timeout;
@@ -187,7 +210,7 @@ impl Client {
     pub async fn query_stream(
         &mut self,
         sql: &str,
-    ) -> Result<impl Stream<Item = Result<Bytes, ChError>> + '_, ChError> {
+    ) -> Result<impl Stream<Item = Result<Bytes, ChError>> + Send + Unpin + '_, ChError> {
         let request = self.request(
             Kind::Streamed,
             RequestBody::Whole(Some(Bytes::from(sql.to_string()))),
@@ -205,19 +228,23 @@ impl Client {
             done: false,
             client: self,
         };
-        Ok(futures_util::stream::unfold(state, |mut s| async move {
-            if s.done {
-                return None;
-            }
-            match s.next().await {
-                Ok(Some(b)) => Some((Ok(b), s)),
-                Ok(None) => None,
-                Err(e) => {
-                    s.done = true;
-                    Some((Err(e), s))
+        // Boxed once per query, so that callers can poll it without pinning it themselves.
+        Ok(Box::pin(futures_util::stream::unfold(
+            state,
+            |mut s| async move {
+                if s.done {
+                    return None;
                 }
-            }
-        }))
+                match s.next().await {
+                    Ok(Some(b)) => Some((Ok(b), s)),
+                    Ok(None) => None,
+                    Err(e) => {
+                        s.done = true;
+                        Some((Err(e), s))
+                    }
+                }
+            },
+        )))
     }
 
     /// Insert data: `sql` is `insert into ... format TabSeparated` (or another input format),
@@ -335,6 +362,12 @@ impl Client {
             "/?database={}",
             utf8_percent_encode(self.url.database(), url::COMPONENT)
         );
+        for (name, value) in &self.settings {
+            uri.push('&');
+            uri.push_str(name);
+            uri.push('=');
+            uri.extend(utf8_percent_encode(value, url::COMPONENT));
+        }
         match kind {
             Kind::Insert(sql) => {
                 uri.push_str("&query=");
@@ -658,6 +691,29 @@ fn parse_version(s: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The client's futures can be spawned on tokio's multi-threaded runtime.
+    #[test]
+    fn futures_are_send() {
+        fn send<T: Send>(_: T) {}
+        fn check(client: &mut Client) {
+            send(client.execute("select 1"));
+        }
+        fn check_query(client: &mut Client) {
+            send(client.query("select 1"));
+        }
+        fn check_stream(client: &mut Client) {
+            send(client.query_stream("select 1"));
+        }
+        fn check_insert(client: &mut Client) {
+            let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::new())]);
+            send(client.insert("insert into t format TabSeparated", body));
+        }
+        fn connect(url: &Url) {
+            send(Client::connect(url));
+        }
+        let _ = (check, check_query, check_stream, check_insert, connect);
+    }
 
     #[test]
     fn versions() {

@@ -32,35 +32,35 @@ impl Security {
         let Some(tls) = url.tls() else {
             return Ok(None);
         };
-        let fail = |e: pgtls::TlsError| ChError::Tls {
+        let fail = |message: String| ChError::Tls {
             what: what.to_string(),
-            message: e.to_string(),
+            message,
         };
         let mut files = pgtls::TlsFiles::default();
         let roots = match &tls.sslrootcert {
             Some(path) => {
                 files.roots = Some(path.display().to_string());
-                Some(pgtls::load_roots(path).map_err(fail)?)
+                Some(pgtls::load_roots(path).map_err(|e| fail(e.to_string()))?)
             }
             None if tls.sslmode == SslMode::Require => None,
             None => {
                 files.roots = Some(pgtls::SYSTEM_ROOTS.into());
-                Some(pgtls::system_roots().map_err(fail)?)
+                Some(
+                    pgtls::system_roots()
+                        .map_err(|e| fail(format!("no sslrootcert given, and {e}")))?,
+                )
             }
         };
         let client = match &tls.client_cert {
-            Some((cert, key)) => Some(pgtls::load_client_cert(cert, key).map_err(fail)?),
+            Some((cert, key)) => {
+                Some(pgtls::load_client_cert(cert, key).map_err(|e| fail(e.to_string()))?)
+            }
             None => None,
         };
         let config = pgtls::rustls_config(roots, tls.sslmode == SslMode::VerifyFull, client)
-            .map_err(fail)?;
-        let name =
-            rustls::pki_types::ServerName::try_from(url.host().to_string()).map_err(|e| {
-                ChError::Tls {
-                    what: what.to_string(),
-                    message: format!("host \"{}\" cannot be checked: {e}", url.host()),
-                }
-            })?;
+            .map_err(|e| fail(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(url.host().to_string())
+            .map_err(|e| fail(format!("host \"{}\" cannot be checked: {e}", url.host())))?;
         Ok(Some(Security {
             connector: TlsConnector::from(Arc::new(config)),
             name,

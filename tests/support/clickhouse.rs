@@ -111,6 +111,9 @@ impl Server {
             .tempdir()
             .expect("temporary directory")
             .keep();
+        // For scripts/lib.sh's stop_stale_test_clickhouse: a server whose test process is gone
+        // was left behind by a killed run.
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string()).unwrap();
         for sub in ["data", "tmp", "user_files", "format_schemas", "certs"] {
             std::fs::create_dir(dir.join(sub)).unwrap();
         }
@@ -190,6 +193,7 @@ impl Server {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+        std::fs::write(dir.join("server.pid"), child.id().to_string()).unwrap();
         let server = Server {
             dir,
             child: Mutex::new(Some(child)),

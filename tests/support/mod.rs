@@ -1,8 +1,10 @@
 //! Test support: one throwaway PostgreSQL per test binary (stopped at exit), a fresh source
-//! and DWH database per test, a config directory per test, and the real `pgtide` binary.
+//! and DWH database per test, a config directory per test, and the real `pgtide` binary;
+//! `clickhouse`: the same for a throwaway ClickHouse.
 #![allow(dead_code)]
 
 pub mod clickhouse;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
