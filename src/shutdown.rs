@@ -80,6 +80,14 @@ impl Signals {
     }
 }
 
+/// A crash on purpose, for tests of what a crash at this point leaves behind (debug builds).
+pub fn crash_point(name: &str) {
+    if cfg!(debug_assertions) && std::env::var_os(name).is_some() {
+        eprintln!("pgtide: {name} is set: aborting here");
+        std::process::abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,13 +126,5 @@ mod tests {
         assert!(!never.is_shutdown());
         let waited = tokio::time::timeout(Duration::from_millis(50), never.recv()).await;
         assert!(waited.is_err(), "recv of a never signal must not return");
-    }
-}
-
-/// A crash on purpose, for tests of what a crash at this point leaves behind (debug builds).
-pub fn crash_point(name: &str) {
-    if cfg!(debug_assertions) && std::env::var_os(name).is_some() {
-        eprintln!("pgtide: {name} is set: aborting here");
-        std::process::abort();
     }
 }

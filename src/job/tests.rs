@@ -169,6 +169,7 @@ async fn a_catch_up_writes_batches_in_order_each_with_the_position_after_it() {
     let run = f.ctx.store.start_run(&f.job.name).await.unwrap();
     let mut summary = RunSummary::default();
     f.ctx.catch_up(&mut s, run, &mut summary).await.unwrap();
+    let local = f.ctx.store.position(&f.job.name).await.unwrap().unwrap();
     let log = log.lock().unwrap();
     assert_eq!(log.batches, vec![10, 10, 5]);
     assert_eq!(summary.rows, 25);
@@ -188,7 +189,6 @@ async fn a_catch_up_writes_batches_in_order_each_with_the_position_after_it() {
         "every stored position is newer than the last"
     );
     // The local copy follows the DWH's, batch by batch.
-    let local = f.ctx.store.position(&f.job.name).await.unwrap().unwrap();
     assert_eq!(&local, log.positions.last().unwrap());
 }
 
@@ -200,10 +200,10 @@ async fn a_failed_batch_moves_no_position() {
     let mut summary = RunSummary::default();
     let err = f.ctx.catch_up(&mut s, run, &mut summary).await.unwrap_err();
     assert!(err.to_string().contains("refuses"), "{err}");
+    let local = f.ctx.store.position(&f.job.name).await.unwrap().unwrap();
     let log = log.lock().unwrap();
     assert_eq!(log.batches, vec![10]);
     assert_eq!(log.positions.len(), 1);
-    let local = f.ctx.store.position(&f.job.name).await.unwrap().unwrap();
     assert_eq!(local.watermark, Some(vec!["10".to_string()]));
     assert_eq!(summary.rows, 10);
 }
