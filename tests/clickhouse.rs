@@ -372,6 +372,11 @@ async fn a_crash_between_rows_and_position_converges_on_the_next_run() {
         target(&db, "orders", "id, amount, note").await,
         expected(&env).await
     );
+    let n = ch::query(&format!(
+        "select count() from {db}.orders format TabSeparated"
+    ))
+    .await;
+    assert_eq!(n, "3500\n", "the first batch written twice");
     // Written twice, read once: `final` shows each key once.
     let dup = ch::query(&format!(
         "select count() from {db}.orders final format TabSeparated"

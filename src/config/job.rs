@@ -95,6 +95,27 @@ pub fn parse_job(
     if batch_size <= 0 {
         problems.push("batch_size", "must be a positive number of rows");
     }
+    let parallel = raw.parallel.unwrap_or(1);
+    if !(1..=MAX_PARALLEL).contains(&parallel) {
+        problems.push(
+            "parallel",
+            format!("must be a number of workers from 1 to {MAX_PARALLEL}"),
+        );
+    }
+    let max_rows_per_sec = match raw.max_rows_per_sec {
+        Some(r) if r <= 0 => {
+            problems.push(
+                "max_rows_per_sec",
+                "must be a positive number of rows (leave it out for no limit)",
+            );
+            None
+        }
+        r => r.map(|r| r as u64),
+    };
+    let batch_timeout_secs = raw.batch_timeout_secs.unwrap_or(DEFAULT_BATCH_TIMEOUT_SECS);
+    if batch_timeout_secs <= 0 {
+        problems.push("batch_timeout_secs", "must be a positive number of seconds");
+    }
     let target = match raw.target.as_deref() {
         None => {
             if name.len() > MAX_IDENTIFIER_BYTES {
@@ -286,6 +307,9 @@ pub fn parse_job(
         mode,
         schedule,
         batch_size,
+        parallel: parallel.max(1) as usize,
+        max_rows_per_sec,
+        batch_timeout: std::time::Duration::from_secs(batch_timeout_secs.max(1) as u64),
         target: target?,
         key,
         watermark,

@@ -22,6 +22,10 @@ pub use job::{parse_job, validate_cron, CronError};
 /// Rows per batch when a job does not say: large enough that per-batch costs (a transaction,
 /// a staging table round trip) vanish, small enough to keep memory and lock times short.
 pub const DEFAULT_BATCH_SIZE: i64 = 10_000;
+/// The most workers a job's loads may use.
+pub const MAX_PARALLEL: i64 = 64;
+/// How long one batch's statements may run on the source (`batch_timeout_secs`).
+pub const DEFAULT_BATCH_TIMEOUT_SECS: i64 = 900;
 /// Jobs the daemon runs at once unless told otherwise.
 pub const DEFAULT_MAX_CONCURRENT_JOBS: usize = 4;
 /// A notify job's safety sweep when it sets no schedule.
@@ -225,6 +229,12 @@ pub struct JobSpec {
     pub mode: Mode,
     pub schedule: Option<Schedule>,
     pub batch_size: i64,
+    /// Workers for loads of many rows (a first load, a reload after `reset`, `replay`).
+    pub parallel: usize,
+    /// A cap on the rows per second the job reads from its source.
+    pub max_rows_per_sec: Option<u64>,
+    /// How long one batch's statements may run on the source.
+    pub batch_timeout: std::time::Duration,
     pub target: QualifiedName,
     pub key: Vec<String>,
     /// Main-table columns of the cursor; `None` means the main table's primary key.

@@ -19,31 +19,6 @@ pub enum InputError {
 }
 
 impl Context {
-    /// Read and apply the next batch of `(lo, to]` without touching the position; returns what
-    /// was applied and the batch's last cursor value, `None` when no rows remain.
-    pub(super) async fn replay_batch<D: Dwh>(
-        &self,
-        s: &mut Session<D>,
-        lo: Option<&[String]>,
-        to: Option<&[String]>,
-    ) -> Result<Option<(Applied, Vec<String>)>, JobError> {
-        let (tx, _) = source::begin(&mut s.source)
-            .await
-            .map_err(JobError::Source)?;
-        let hi = source::batch_bound(&tx, &s.view, lo, to, s.view.job.batch_size)
-            .await
-            .map_err(JobError::Source)?;
-        let Some(hi) = hi else { return Ok(None) };
-        let bound = Range::Cursor { lo, hi: Some(&hi) }.bind(&s.view, "b");
-        let mut direct = false;
-        let result = apply(&tx, &mut s.dwh, &s.view, &bound, None, &mut direct, None).await;
-        drop(tx);
-        match result {
-            Ok(applied) => Ok(Some((applied, hi))),
-            Err(e) => Err(s.explain(e, &bound).await),
-        }
-    }
-
     /// Reload the view rows whose cursor lies in `(from, to]`, leaving the position alone.
     /// With `dry_run`, only count the main-table rows that would be read.
     pub async fn replay(
@@ -80,11 +55,22 @@ impl Context {
             }
         };
         let run = self.store.start_run(&job.name).await?;
-        let mut feed = Feed::Replay { lo: from, to };
+        let mut load = self.start_load(
+            &s.view,
+            load::Reach::Replay { lo: from, to },
+            s.limiter.clone(),
+        );
         let result = self
-            .drive(&mut s, run, &mut feed, &mut summary, &mut Instant::now())
+            .drive(
+                &mut s,
+                run,
+                &mut Feed::Load(&mut load),
+                &mut summary,
+                &mut Instant::now(),
+            )
             .await
             .map(|_| ());
+        drop(load);
         let error = result
             .as_ref()
             .err()

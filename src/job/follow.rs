@@ -96,11 +96,8 @@ impl Context {
     ) -> Result<(), JobError> {
         let job = s.view.job.clone();
         if !pos.initial_done {
-            let mut feed = Feed::Watermark(pos);
-            if !self
-                .drive(s, run, &mut feed, summary, &mut Instant::now())
-                .await?
-            {
+            // Rows written after the load began have events: the triggers came first.
+            if !self.load(s, run, pos, summary).await? {
                 return Ok(());
             }
             pos.finish_initial_load();
@@ -137,6 +134,7 @@ impl Context {
                 None,
                 &mut no_direct,
                 Some(sink::Missing::All),
+                s.limiter.as_deref(),
             )
             .await
         } else {
@@ -154,6 +152,7 @@ impl Context {
                 None,
                 &mut no_direct,
                 Some(sink::Missing::Keys(&keys)),
+                s.limiter.as_deref(),
             )
             .await;
             match result {

@@ -21,7 +21,7 @@ use crate::config::{Config, DwhKind, JobSpec, Mode};
 use crate::pg::{self, PgError, Retry};
 use crate::position::Position;
 use crate::shutdown::{crash_point, Shutdown};
-use crate::sink::dwh::{Batch, Dwh, WriteError};
+use crate::sink::dwh::{Advance, Batch, Dwh, WriteError};
 pub use crate::sink::warehouse::Warehouse;
 use crate::sink::{self, SinkError};
 use crate::source::{self, notify};
@@ -32,15 +32,18 @@ use crate::view::{self, CheckKind, View, ViewError};
 
 mod commands;
 mod follow;
+mod load;
 mod summary;
 #[cfg(test)]
 mod tests;
+mod throttle;
 mod write;
 
 pub use commands::InputError;
 pub use follow::Follower;
 pub(crate) use summary::Applied;
 pub use summary::RunSummary;
+use throttle::Limiter;
 use write::apply;
 pub(crate) use write::apply_keys;
 
@@ -103,11 +106,25 @@ enum Feed<'a> {
     Watermark(&'a mut Position),
     /// A notify job's events.
     Events,
-    /// Batches of `(lo, to]` that leave the position alone (`replay`).
-    Replay {
-        lo: Option<Vec<String>>,
-        to: Option<Vec<String>>,
-    },
+    /// The chunks of a load as its workers finish them (`load.rs`).
+    Load(&'a mut load::Load),
+}
+
+/// A data error of the source's COPY, turned into a message naming the row and value when
+/// a JSON field explains it.
+async fn explain(source: &mut Client, view: &View, e: JobError, bound: &Bound) -> JobError {
+    let JobError::Source(pe) = &e else { return e };
+    if pg::refusal(pe) != Some(pg::Refusal::Data) {
+        return e;
+    }
+    match source::checks::diagnose(source, view, bound).await {
+        Ok(Some(m)) => JobError::Data(m),
+        Ok(None) => e,
+        Err(d) => {
+            tracing::debug!(job = %view.job.name, error = %d, "could not find the row behind a data error");
+            e
+        }
+    }
 }
 
 /// Connections of one run, the DWH one holding the job's lock.
@@ -118,24 +135,15 @@ struct Session<D = Warehouse> {
     /// Copy batches straight into the target (it was empty with exactly the view's types)
     /// until a key turns out to exist already; then stage and upsert.
     copy_direct: bool,
+    /// The job's `max_rows_per_sec`, shared by everything that reads for this run.
+    limiter: Option<Arc<Limiter>>,
 }
 
 impl<D: Dwh> Session<D> {
     /// A data error of the source's COPY, turned into a message naming the row and value when
     /// a JSON field explains it.
     async fn explain(&mut self, e: JobError, bound: &Bound) -> JobError {
-        let JobError::Source(pe) = &e else { return e };
-        if pg::refusal(pe) != Some(pg::Refusal::Data) {
-            return e;
-        }
-        match source::checks::diagnose(&mut self.source, &self.view, bound).await {
-            Ok(Some(m)) => JobError::Data(m),
-            Ok(None) => e,
-            Err(d) => {
-                tracing::debug!(job = %self.view.job.name, error = %d, "could not find the row behind a data error");
-                e
-            }
-        }
+        explain(&mut self.source, &self.view, e, bound).await
     }
 
     /// End the session, releasing the job's lock. A broken connection has lost it already.
@@ -182,6 +190,15 @@ impl Context {
     /// The DWH for a run of `job`. A ClickHouse DWH holds the job's lock in a session on the
     /// job's source, which it opens here.
     pub async fn connect_dwh(&self, job: &JobSpec) -> Result<Warehouse, JobError> {
+        self.warehouse(job, true).await
+    }
+
+    /// Another connection to the DWH for a worker of a run that holds the job's lock.
+    async fn connect_worker_dwh(&self, job: &JobSpec) -> Result<Warehouse, JobError> {
+        self.warehouse(job, false).await
+    }
+
+    async fn warehouse(&self, job: &JobSpec, locks: bool) -> Result<Warehouse, JobError> {
         match self.config.dwh.kind {
             DwhKind::Postgres => Ok(Warehouse::Postgres(self.connect_pg_dwh(job).await?)),
             DwhKind::ClickHouse => {
@@ -190,7 +207,10 @@ impl Context {
                 let http = crate::clickhouse::Client::connect(&url)
                     .await
                     .map_err(SinkError::from)?;
-                let lock = self.connect_source(job).await?;
+                let lock = match locks {
+                    true => Some(self.connect_source(job).await?),
+                    false => None,
+                };
                 Ok(Warehouse::ClickHouse(Box::new(
                     crate::sink::clickhouse::ClickHouse::new(
                         http,
@@ -228,6 +248,7 @@ impl Context {
             dwh,
             view,
             copy_direct: target.copy_direct,
+            limiter: job.max_rows_per_sec.map(|r| Arc::new(Limiter::new(r))),
         })
     }
 
@@ -315,6 +336,11 @@ impl Context {
             summary.add(applied);
             tracing::debug!(job = %job.name, rows, changed, settled = dropped, open = pos.windows.len(), "rechecked windows");
         }
+        if (pos.watermark.is_none() || pos.load.is_some())
+            && !self.load(s, run, &mut pos, summary).await?
+        {
+            return Ok(());
+        }
         let mut feed = Feed::Watermark(&mut pos);
         self.drive(s, run, &mut feed, summary, &mut Instant::now())
             .await?;
@@ -341,6 +367,9 @@ impl Context {
         let (tx, snap) = source::begin(&mut s.source)
             .await
             .map_err(JobError::Source)?;
+        source::time_limit(&tx, s.view.job.batch_timeout)
+            .await
+            .map_err(JobError::Source)?;
         let lo = pos.watermark.clone();
         let hi = source::batch_bound(&tx, &s.view, lo.as_deref(), None, s.view.job.batch_size)
             .await
@@ -361,9 +390,10 @@ impl Context {
             &mut s.dwh,
             &s.view,
             &bound,
-            Some(&next),
+            Some(Advance::To(&next)),
             &mut s.copy_direct,
             None,
+            s.limiter.as_deref(),
         )
         .await;
         drop(tx);
@@ -391,8 +421,17 @@ impl Context {
         let job = s.view.job.clone();
         loop {
             if self.stopping() {
-                tracing::info!(job = %job.name, "stopping at a batch boundary");
-                return Ok(false);
+                match feed {
+                    Feed::Load(load) if !load.stopped() => {
+                        tracing::info!(job = %job.name, "stopping: finishing the chunks being written");
+                        load.stop();
+                    }
+                    Feed::Load(_) => {}
+                    _ => {
+                        tracing::info!(job = %job.name, "stopping at a batch boundary");
+                        return Ok(false);
+                    }
+                }
             }
             let t = Instant::now();
             let step = match feed {
@@ -401,29 +440,27 @@ impl Context {
                     self.batch(s, pos, merge).await?.map(|a| (a, 0))
                 }
                 Feed::Events => self.drain(s).await?.map(|(n, a)| (a, n as u64)),
-                Feed::Replay { lo, to } => {
-                    match self.replay_batch(s, lo.as_deref(), to.as_deref()).await? {
-                        Some((a, hi)) => {
-                            *lo = Some(hi);
-                            Some((a, 0))
-                        }
-                        None => None,
-                    }
-                }
+                Feed::Load(load) => load.next().await?.map(|a| (a, 0)),
             };
             let Some((applied, events)) = step else {
                 break;
             };
             let (rows, changed) = (applied.rows, applied.changed);
+            let stored = applied.stored.clone();
             self.metrics.rows(&job.name, rows);
             self.metrics.batch(&job.name, t.elapsed().as_secs_f64());
             summary.events += events;
             summary.add(applied);
             summary.batches += 1;
-            match feed {
-                Feed::Watermark(pos) => {
+            match (&mut *feed, stored) {
+                (Feed::Watermark(pos), _) => {
                     self.store
                         .advance_run(&job.name, pos, run, summary.rows as i64)
+                        .await?;
+                }
+                (Feed::Load(_), Some(pos)) => {
+                    self.store
+                        .advance_run(&job.name, &pos, run, summary.rows as i64)
                         .await?;
                 }
                 _ if last_progress.elapsed() >= std::time::Duration::from_secs(1) => {
@@ -434,7 +471,55 @@ impl Context {
             }
             tracing::debug!(job = %job.name, rows, changed, events, ms = t.elapsed().as_millis() as u64, "batch committed");
         }
-        Ok(true)
+        Ok(!matches!(feed, Feed::Load(load) if load.stopped()))
+    }
+
+    /// Load the rows of a position that starts from the beginning (or has a load under way)
+    /// with the job's workers: returns `false` when the run is stopping. The position leaves
+    /// with the load done, its chunks' windows kept.
+    async fn load<D: Dwh>(
+        &self,
+        s: &mut Session<D>,
+        run: i64,
+        pos: &mut Position,
+        summary: &mut RunSummary,
+    ) -> Result<bool, JobError> {
+        let name = s.view.job.name.clone();
+        if pos.load.is_none() {
+            let end = source::last_cursor(&s.source, &s.view, pos.watermark.as_deref())
+                .await
+                .map_err(JobError::Source)?;
+            let Some(end) = end else { return Ok(true) };
+            pos.begin_load(end);
+            s.dwh.store_position(&name, pos).await?;
+            self.store.advance(&name, pos).await?;
+        }
+        let shared = Arc::new(tokio::sync::Mutex::new(pos.clone()));
+        let mut load = self.start_load(
+            &s.view,
+            load::Reach::Position(shared.clone()),
+            s.limiter.clone(),
+        );
+        let finished = self
+            .drive(
+                s,
+                run,
+                &mut Feed::Load(&mut load),
+                summary,
+                &mut Instant::now(),
+            )
+            .await;
+        drop(load);
+        let latest = shared.lock().await.clone();
+        finished?;
+        // Planning may have ended after the last chunk was stored, completing the load.
+        let stored = self.store.position(&name).await?.map_or(0, |p| p.seq);
+        if latest.seq > stored {
+            s.dwh.store_position(&name, &latest).await?;
+            self.store.advance(&name, &latest).await?;
+        }
+        *pos = latest;
+        Ok(pos.load.is_none())
     }
 
     /// Re-read rows of open windows written by transactions the windows' snapshots could not
@@ -456,7 +541,7 @@ impl Context {
         let mut next = pos.clone();
         let settled = next.settle(&snap, &horizon, &unseen);
         let mut direct = false;
-        let position = settled.changed.then_some(&next);
+        let position = settled.changed.then_some(Advance::To(&next));
         let result = apply(
             &tx,
             &mut s.dwh,
@@ -465,6 +550,7 @@ impl Context {
             position,
             &mut direct,
             None,
+            s.limiter.as_deref(),
         )
         .await;
         drop(tx);

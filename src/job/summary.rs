@@ -28,6 +28,8 @@ pub(crate) struct Applied {
     /// Target rows deleted or marked deleted (notify jobs).
     pub(super) deleted: u64,
     pub(super) tallies: BTreeMap<String, Tally>,
+    /// The position stored with the rows, when the batch moved it.
+    pub(super) stored: Option<Position>,
 }
 
 impl RunSummary {

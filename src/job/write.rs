@@ -6,23 +6,29 @@ use super::*;
 
 /// Apply the view rows of `bound`: straight into the target while `direct` holds, else (and
 /// from the first key found in the target on) through the staging table.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn apply<D: Dwh>(
     source_tx: &tokio_postgres::Transaction<'_>,
     dwh: &mut D,
     view: &View,
     bound: &Bound,
-    position: Option<&Position>,
+    position: Option<Advance<'_>>,
     direct: &mut bool,
     missing: Option<sink::Missing<'_>>,
+    limiter: Option<&Limiter>,
 ) -> Result<Applied, JobError> {
     if *direct && missing.is_none() {
-        if let Some(done) = transfer(source_tx, dwh, view, bound, position, true, None).await? {
+        let tried = transfer(source_tx, dwh, view, bound, position, true, None, limiter).await?;
+        if let Some(done) = tried {
             return Ok(done);
         }
         // A key already in the target: this batch (same snapshot) and all that follow stage.
         *direct = false;
     }
-    let done = transfer(source_tx, dwh, view, bound, position, false, missing).await?;
+    let done = transfer(
+        source_tx, dwh, view, bound, position, false, missing, limiter,
+    )
+    .await?;
     Ok(done.expect("only direct copies meet existing keys"))
 }
 
@@ -38,9 +44,10 @@ pub(super) async fn transfer<D: Dwh>(
     dwh: &mut D,
     view: &View,
     bound: &Bound,
-    position: Option<&Position>,
+    position: Option<Advance<'_>>,
     direct: bool,
     missing: Option<sink::Missing<'_>>,
+    limiter: Option<&Limiter>,
 ) -> Result<Option<Applied>, JobError> {
     source::set_settings(source_tx, view, bound.settings.clone())
         .await
@@ -56,6 +63,7 @@ pub(super) async fn transfer<D: Dwh>(
         missing,
         position,
     };
+    let out = throttle::throttled(out, limiter);
     let written = match dwh.write(view, out, batch).await {
         Ok(w) => w,
         Err(WriteError::KeyExists) => {
@@ -66,6 +74,7 @@ pub(super) async fn transfer<D: Dwh>(
         Err(WriteError::Sink(e)) => return Err(JobError::Sink(e)),
     };
     let mut applied = Applied {
+        stored: written.stored.clone(),
         rows: written.rows,
         changed: written.changed,
         deleted: written.deleted,
@@ -112,6 +121,7 @@ pub(crate) async fn apply_keys<D: Dwh>(
         None,
         &mut no_direct,
         gone.map(sink::Missing::Keys),
+        None,
     )
     .await?;
     let mut summary = RunSummary::default();

@@ -34,6 +34,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod load;
+pub use load::{Chunk, Done, Load};
+
 /// How long a window waits, when pgtide cannot see every transaction that might hold a cursor
 /// value, before it takes its `mark`: covers a writer that took its cursor value (`nextval()`,
 /// `now()`) up to this long before its first write. Debug builds read
@@ -68,6 +71,9 @@ pub struct Position {
     /// on the job follows its events.
     #[serde(default)]
     pub initial_done: bool,
+    /// A load of many rows in progress (several workers, chunks committed in any order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<Load>,
 }
 
 /// A range below the watermark that may still receive rows, and how to find them.
@@ -308,16 +314,7 @@ impl Position {
     /// and a window remembers the snapshot. `merge_last` folds it into the previous window
     /// (used for consecutive batches of one run, which are contiguous).
     pub fn advance(&mut self, hi: Vec<String>, snap: &Snapshot, unseen: &Unseen, merge_last: bool) {
-        let mut window = Window {
-            lo: self.watermark.clone(),
-            hi: hi.clone(),
-            floor: unseen.floor,
-            xids: unseen.xids.clone(),
-            next: snap.next.max(snap.xmax),
-            read_at_us: snap.at_us,
-            mark: None,
-        };
-        window.tidy();
+        let window = Window::read(self.watermark.clone(), hi.clone(), snap, unseen);
         match self.windows.last_mut() {
             Some(last) if merge_last && last.hi == window.lo.clone().unwrap_or_default() => {
                 last.absorb(window)
@@ -349,6 +346,7 @@ impl Position {
             windows: Vec::new(),
             seq: after_seq + 1,
             initial_done: false,
+            load: None,
         }
     }
 

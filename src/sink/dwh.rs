@@ -11,7 +11,7 @@ use futures_util::{SinkExt, Stream, StreamExt};
 use tokio_postgres::Client;
 
 use super::{Missing, SinkError, TargetState};
-use crate::position::Position;
+use crate::position::{Chunk, Position, Snapshot, Unseen};
 use crate::view::View;
 
 /// How one batch is written.
@@ -21,7 +21,53 @@ pub struct Batch<'a> {
     /// Keys whose view rows are gone, handled as the job's `on_delete` says.
     pub missing: Option<Missing<'a>>,
     /// The job's position after this batch, stored with its rows.
-    pub position: Option<&'a Position>,
+    pub position: Option<Advance<'a>>,
+}
+
+/// How a batch moves the job's position.
+#[derive(Clone, Copy)]
+pub enum Advance<'a> {
+    /// Store this position with the rows.
+    To(&'a Position),
+    /// The batch is a chunk of a load that several workers write at once: under the shared
+    /// position's lock, the chunk is recorded in it, the result stored with the rows, and kept
+    /// as the shared position once they are committed.
+    Chunk {
+        shared: &'a tokio::sync::Mutex<Position>,
+        chunk: &'a Chunk,
+        snap: &'a Snapshot,
+        unseen: &'a Unseen,
+    },
+}
+
+impl Advance<'_> {
+    /// Store the position this batch leaves with `store`, which commits it with the rows;
+    /// returns the position stored.
+    pub async fn store<F, Fut>(self, store: F) -> Result<Position, SinkError>
+    where
+        F: FnOnce(Position) -> Fut,
+        Fut: std::future::Future<Output = Result<(), SinkError>>,
+    {
+        match self {
+            Advance::To(p) => {
+                store(p.clone()).await?;
+                Ok(p.clone())
+            }
+            Advance::Chunk {
+                shared,
+                chunk,
+                snap,
+                unseen,
+            } => {
+                let mut guard = shared.lock().await;
+                let mut next = guard.clone();
+                next.chunk_done(chunk, snap, unseen);
+                store(next.clone()).await?;
+                *guard = next.clone();
+                Ok(next)
+            }
+        }
+    }
 }
 
 /// What writing a batch did.
@@ -35,6 +81,8 @@ pub struct Written {
     pub deleted: u64,
     /// Per column, values the DWH could not cast and wrote as NULL (`on_error = "null"`).
     pub nulled: Vec<(String, u64)>,
+    /// The position stored with the batch, if it moved one.
+    pub stored: Option<Position>,
 }
 
 /// Why a batch was not written.
@@ -182,10 +230,20 @@ impl Dwh for Client {
         if let Some(m) = batch.missing {
             written.deleted = super::remove_missing(&tx, view, m).await?;
         }
-        if let Some(p) = batch.position {
-            super::write_position(&tx, &view.job.name, p).await?;
+        match batch.position {
+            Some(advance) => {
+                let job = &view.job.name;
+                let stored = advance
+                    .store(|p| async move {
+                        super::write_position(&tx, job, &p).await?;
+                        tx.commit().await?;
+                        Ok(())
+                    })
+                    .await?;
+                written.stored = Some(stored);
+            }
+            None => tx.commit().await?,
         }
-        tx.commit().await?;
         Ok(written)
     }
 }

@@ -204,6 +204,38 @@ pub async fn batch_bound(
     }))
 }
 
+/// The cursor of the newest main-table row past `lo`, `None` when there is none.
+pub async fn last_cursor(
+    client: &Client,
+    view: &View,
+    lo: Option<&[String]>,
+) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
+    let q = sql::last_cursor(view, lo.is_some());
+    let params: Vec<&(dyn ToSql + Sync)> = lo
+        .into_iter()
+        .flatten()
+        .map(|v| v as &(dyn ToSql + Sync))
+        .collect();
+    let row = client.query_opt(&q, &params).await?;
+    Ok(row.map(|r| {
+        (0..view.cursor.len())
+            .map(|i| r.get::<_, String>(i))
+            .collect()
+    }))
+}
+
+/// Bound the statements of the transaction `tx` (one batch) to `limit`, so that a batch
+/// cannot hold its snapshot and locks on the source for longer.
+pub async fn time_limit(
+    tx: &Transaction<'_>,
+    limit: std::time::Duration,
+) -> Result<(), tokio_postgres::Error> {
+    let ms = limit.as_millis().to_string();
+    tx.execute("select set_config('statement_timeout', $1, true)", &[&ms])
+        .await
+        .map(|_| ())
+}
+
 /// Count main-table rows in `(lo, hi]`.
 pub async fn count(
     client: &Client,

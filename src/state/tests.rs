@@ -14,12 +14,14 @@ async fn positions_never_move_backwards() {
         windows: vec![],
         seq: 2,
         initial_done: false,
+        load: None,
     };
     let p1 = Position {
         watermark: Some(vec!["10".into()]),
         windows: vec![],
         seq: 1,
         initial_done: false,
+        load: None,
     };
     assert!(s.advance("j", &p2).await.unwrap());
     assert!(!s.advance("j", &p1).await.unwrap());

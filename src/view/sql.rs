@@ -87,6 +87,35 @@ fn param_row(view: &View, first: usize) -> String {
     format!("({})", vals.join(", "))
 }
 
+/// The cursor value of the newest main-table row past `lo` (its values as text are the
+/// parameters, when `has_lo`): where a load ends.
+pub fn last_cursor(view: &View, has_lo: bool) -> String {
+    let main = &view.job.from;
+    let n = view.cursor.len();
+    let cols: Vec<String> = view
+        .cursor
+        .iter()
+        .map(|c| column(&main.alias, &c.name))
+        .collect();
+    let text: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
+    let desc: Vec<String> = cols.iter().map(|c| format!("{c} desc")).collect();
+    let lo = has_lo.then(|| param_row(view, 1));
+    let preds = cursor_between(view, lo.as_deref(), None);
+    let pred = if preds.is_empty() {
+        String::new()
+    } else {
+        format!(" where {}", preds.join(" and "))
+    };
+    debug_assert!(n > 0);
+    format!(
+        "select {} from {} as {}{pred} order by {} limit 1",
+        text.join(", "),
+        quote_qualified(&main.name.schema, &main.name.name),
+        quote_ident(&main.alias),
+        desc.join(", ")
+    )
+}
+
 /// The last cursor value of the next batch: at most `limit` main-table rows past `lo` (and
 /// up to `hi`). Parameters: the lower bound's values as text (when `has_lo`), the upper
 /// bound's (when `has_hi`), then the limit.

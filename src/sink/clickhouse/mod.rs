@@ -36,8 +36,9 @@ pub const POSITIONS: &str = "pgtide_positions";
 /// A ClickHouse DWH for one run.
 pub struct ClickHouse {
     http: Http,
-    /// A session on the job's source, holding the job's advisory lock.
-    lock: tokio_postgres::Client,
+    /// A session on the job's source, holding the job's advisory lock (`None` for the
+    /// workers of a run that holds it).
+    lock: Option<tokio_postgres::Client>,
     /// The url's database: where the control table lives.
     database: String,
     datetime64: bool,
@@ -46,7 +47,7 @@ pub struct ClickHouse {
 }
 
 impl ClickHouse {
-    pub fn new(http: Http, lock: tokio_postgres::Client, database: String) -> ClickHouse {
+    pub fn new(http: Http, lock: Option<tokio_postgres::Client>, database: String) -> ClickHouse {
         let datetime64 = types::has_datetime64(http.version());
         ClickHouse {
             http,
@@ -270,11 +271,17 @@ impl ClickHouse {
 
 impl Dwh for ClickHouse {
     async fn lock(&mut self, job: &str) -> Result<bool, SinkError> {
-        super::try_lock(&self.lock, job).await
+        match &self.lock {
+            Some(session) => super::try_lock(session, job).await,
+            None => unreachable!("a worker's connection never takes the job's lock"),
+        }
     }
 
     async fn unlock(&mut self, job: &str) -> Result<(), SinkError> {
-        super::unlock(&self.lock, job).await
+        match &self.lock {
+            Some(session) => super::unlock(session, job).await,
+            None => Ok(()),
+        }
     }
 
     async fn prepare_target(&mut self, view: &View) -> Result<TargetState, SinkError> {
@@ -362,9 +369,14 @@ impl Dwh for ClickHouse {
         if let Some(m) = batch.missing {
             written.deleted = self.remove_missing(view, m, &tagger.keys, version).await?;
         }
-        if let Some(p) = batch.position {
+        if let Some(advance) = batch.position {
             crate::shutdown::crash_point("PGTIDE_CRASH_BEFORE_CH_POSITION");
-            self.write_position(&view.job.name, p).await?;
+            let job = view.job.name.clone();
+            let this = &mut *self;
+            let stored = advance
+                .store(|p| async move { this.write_position(&job, &p).await })
+                .await?;
+            written.stored = Some(stored);
         }
         Ok(written)
     }

@@ -1,0 +1,256 @@
+//! Loads of many rows (a first load, a reload after `reset`, `replay`): the range cut into
+//! chunks of `batch_size` rows that `parallel` workers read and write at once, each
+//! chunk in its own source snapshot and its own DWH transaction, streamed as any batch is.
+//!
+//! A planner walks the cursor's order, `batch_size` rows at a time (the same keyset query as a
+//! batch's upper bound), and hands each range to the next free worker; so chunks hold about
+//! equally many rows whatever the key's distribution, for any cursor (composite, text,
+//! timestamps), with no numeric key needed. Each finished chunk is recorded in the job's
+//! position (`position::Load`) with its rows, so a killed load resumes with the chunks it had
+//! not finished; see `position/load.rs`. Replays move no position and start over.
+//!
+//! The workers report each chunk to the run's loop (`Context::drive`), which does the
+//! bookkeeping as for any batch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{mpsc, Mutex};
+use tokio::task::JoinSet;
+
+use super::*;
+use crate::position::Chunk;
+
+/// A load under way.
+pub(super) struct Load {
+    done: mpsc::Receiver<Result<Applied, JobError>>,
+    stop: Arc<AtomicBool>,
+    tasks: JoinSet<()>,
+    stopped: bool,
+}
+
+/// What a load reads: the rest of the position's `load`, or a replay's `(lo, to]`.
+pub(super) enum Reach {
+    Position(Arc<Mutex<Position>>),
+    Replay {
+        lo: Option<Vec<String>>,
+        to: Option<Vec<String>>,
+    },
+}
+
+impl Load {
+    /// The next finished chunk; `None` once every worker is done.
+    pub(super) async fn next(&mut self) -> Result<Option<Applied>, JobError> {
+        match self.done.recv().await {
+            Some(r) => r.map(Some),
+            None => {
+                // Every worker has ended; one that panicked says so here.
+                while let Some(joined) = self.tasks.join_next().await {
+                    if let Err(e) = joined {
+                        if e.is_panic() {
+                            std::panic::resume_unwind(e.into_panic());
+                        }
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Hand out no more chunks; those being written are finished.
+    pub(super) fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.stopped = true;
+    }
+
+    pub(super) fn stopped(&self) -> bool {
+        self.stopped
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        // A failed load: whatever is still being written rolls back with its connection.
+        self.stop.store(true, Ordering::SeqCst);
+        self.tasks.abort_all();
+    }
+}
+
+impl Context {
+    /// Start loading `reach` with the job's `parallel` workers.
+    pub(super) fn start_load(
+        &self,
+        view: &View,
+        reach: Reach,
+        limiter: Option<Arc<Limiter>>,
+    ) -> Load {
+        let workers = view.job.parallel.max(1);
+        let (chunks_tx, chunks_rx) = mpsc::channel::<Chunk>(workers);
+        let chunks_rx = Arc::new(Mutex::new(chunks_rx));
+        let (done_tx, done_rx) = mpsc::channel(workers * 2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = match &reach {
+            Reach::Position(p) => Some(p.clone()),
+            Reach::Replay { .. } => None,
+        };
+        let mut tasks = JoinSet::new();
+        {
+            let (ctx, view, stop, done) =
+                (self.clone(), view.clone(), stop.clone(), done_tx.clone());
+            tasks.spawn(async move {
+                if let Err(e) = ctx.plan(&view, reach, chunks_tx, &stop).await {
+                    let _ = done.send(Err(e)).await;
+                }
+            });
+        }
+        for _ in 0..workers {
+            let ctx = self.clone();
+            let view = view.clone();
+            let (chunks, done, stop) = (chunks_rx.clone(), done_tx.clone(), stop.clone());
+            let (shared, limiter) = (shared.clone(), limiter.clone());
+            tasks.spawn(async move {
+                let worked = ctx
+                    .work(&view, chunks, &done, &stop, shared, limiter.as_deref())
+                    .await;
+                if let Err(e) = worked {
+                    stop.store(true, Ordering::SeqCst);
+                    let _ = done.send(Err(e)).await;
+                }
+            });
+        }
+        Load {
+            done: done_rx,
+            stop,
+            tasks,
+            stopped: false,
+        }
+    }
+
+    /// Cut the load's range into chunks and hand them out, in cursor order.
+    async fn plan(
+        &self,
+        view: &View,
+        reach: Reach,
+        chunks: mpsc::Sender<Chunk>,
+        stop: &AtomicBool,
+    ) -> Result<(), JobError> {
+        let rows = view.job.batch_size;
+        let mut source = self.connect_source(&view.job).await?;
+        let (mut lo, end, shared) = match reach {
+            Reach::Replay { lo, to } => (lo, to, None),
+            Reach::Position(shared) => {
+                let (lo, end, again) = {
+                    let mut p = shared.lock().await;
+                    let again = p.reopen_chunks();
+                    let load = p.load.as_ref().expect("a load in progress");
+                    (load.frontier.clone(), load.end.clone(), again)
+                };
+                // Chunks handed out before a crash and never finished: read again first.
+                for c in again {
+                    let chunk = shared.lock().await.open_chunk(c.lo, c.hi);
+                    if chunks.send(chunk).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                (lo, Some(end), Some(shared))
+            }
+        };
+        let mut seq = 0;
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let hi = {
+                let tx = source.transaction().await.map_err(JobError::Source)?;
+                source::batch_bound(&tx, view, lo.as_deref(), end.as_deref(), rows)
+                    .await
+                    .map_err(JobError::Source)?
+            };
+            let Some(hi) = hi else { break };
+            let chunk = match &shared {
+                Some(shared) => {
+                    let mut p = shared.lock().await;
+                    let chunk = p.open_chunk(lo.clone(), hi.clone());
+                    p.advance_frontier(hi.clone());
+                    chunk
+                }
+                None => {
+                    seq += 1;
+                    Chunk {
+                        seq,
+                        lo: lo.clone(),
+                        hi: hi.clone(),
+                    }
+                }
+            };
+            if chunks.send(chunk).await.is_err() {
+                return Ok(());
+            }
+            lo = Some(hi);
+        }
+        if let Some(shared) = shared {
+            shared.lock().await.finish_planning();
+        }
+        Ok(())
+    }
+
+    /// Read and write chunks until none are left (or the load stops).
+    async fn work(
+        &self,
+        view: &View,
+        chunks: Arc<Mutex<mpsc::Receiver<Chunk>>>,
+        done: &mpsc::Sender<Result<Applied, JobError>>,
+        stop: &AtomicBool,
+        shared: Option<Arc<Mutex<Position>>>,
+        limiter: Option<&Limiter>,
+    ) -> Result<(), JobError> {
+        let job = view.job.clone();
+        let mut source = self.connect_source(&job).await?;
+        let mut dwh = self.connect_worker_dwh(&job).await?;
+        let mut direct = dwh.prepare_target(view).await?.copy_direct;
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let Some(chunk) = chunks.lock().await.recv().await else {
+                return Ok(());
+            };
+            let (tx, snap) = source::begin(&mut source).await.map_err(JobError::Source)?;
+            source::time_limit(&tx, job.batch_timeout)
+                .await
+                .map_err(JobError::Source)?;
+            let unseen = source::unseen(&tx, &snap, snap.xmin)
+                .await
+                .map_err(JobError::Source)?;
+            let bound = Range::Cursor {
+                lo: chunk.lo.as_deref(),
+                hi: Some(&chunk.hi),
+            }
+            .bind(view, "b");
+            let advance = shared.as_deref().map(|shared| Advance::Chunk {
+                shared,
+                chunk: &chunk,
+                snap: &snap,
+                unseen: &unseen,
+            });
+            let result = apply(
+                &tx,
+                &mut dwh,
+                view,
+                &bound,
+                advance,
+                &mut direct,
+                None,
+                limiter,
+            )
+            .await;
+            drop(tx);
+            let applied = match result {
+                Ok(a) => a,
+                Err(e) => return Err(explain(&mut source, view, e, &bound).await),
+            };
+            if done.send(Ok(applied)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
