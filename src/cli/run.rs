@@ -9,9 +9,39 @@ use crate::job::{Context, Tally};
 
 use super::{Failure, EXIT_FAILED, EXIT_LOCKED};
 
+/// `pgtide run-once`. The first SIGINT or SIGTERM stops it at the next batch boundary (the
+/// chunks being written finish, nothing new starts) and it exits 1; a second exits at once.
 pub(super) async fn run_once(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
+    let mut signals = crate::shutdown::Signals::new()
+        .map_err(|e| Failure::failed(format!("cannot handle signals: {e}")))?;
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let ctx = ctx.clone().with_shutdown(shutdown);
+    let runs = run_jobs(&ctx, jobs);
+    tokio::pin!(runs);
+    tokio::select! {
+        done = &mut runs => return done,
+        () = signals.recv() => {}
+    }
+    tracing::info!("stopping: finishing the batches in hand");
+    trigger.fire();
+    tokio::select! {
+        done = &mut runs => {
+            done?;
+            Err(Failure::failed("stopped by a signal before every job had caught up"))
+        }
+        () = signals.recv() => {
+            tracing::warn!("second signal: exiting now");
+            Err(Failure { code: 130, message: String::new() })
+        }
+    }
+}
+
+async fn run_jobs(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
     let mut failures = Vec::new();
     for job in jobs {
+        if ctx.shutdown.is_shutdown() {
+            break;
+        }
         match ctx.run_once(job).await {
             Ok(s) => println!(
                 "job {}: {} rows read, {} changed, {} batches{}{}",

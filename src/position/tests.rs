@@ -392,3 +392,128 @@ fn xids_are_truncated_to_32_bits_and_widened_with_the_snapshot_epoch() {
     assert_eq!(s.widen(7), (2 << 32) + 7);
     assert_eq!(s.widen(u32::MAX), (1 << 32) + u64::from(u32::MAX));
 }
+
+fn v(s: &str) -> Vec<String> {
+    vec![s.to_string()]
+}
+
+fn unseen_of(s: &Snapshot) -> Unseen {
+    Unseen {
+        floor: s.xmax,
+        xids: s.xip.clone(),
+    }
+}
+
+#[test]
+fn a_load_finished_out_of_order_ends_at_its_end_with_every_chunk_s_window() {
+    let mut p = Position::default();
+    p.begin_load(v("400"));
+    let stored = p.seq;
+    let c1 = p.open_chunk(None, v("100"));
+    p.advance_frontier(v("100"));
+    let c2 = p.open_chunk(Some(v("100")), v("200"));
+    p.advance_frontier(v("200"));
+    let c3 = p.open_chunk(Some(v("200")), v("400"));
+    p.advance_frontier(v("400"));
+    // The second chunk finishes first: it cannot move the watermark.
+    p.chunk_done(
+        &c2,
+        &snap(10, 12, &[11], 12, 1),
+        &unseen_of(&snap(10, 12, &[11], 12, 1)),
+    );
+    assert!(p.seq > stored);
+    assert_eq!(p.watermark, None);
+    assert!(p.load.is_some());
+    // The first one continues the watermark, and takes the second along.
+    p.chunk_done(
+        &c1,
+        &snap(10, 11, &[], 11, 1),
+        &unseen_of(&snap(10, 11, &[], 11, 1)),
+    );
+    assert_eq!(p.watermark, Some(v("200")));
+    assert_eq!(p.windows.len(), 1, "neighbouring chunks leave one window");
+    assert_eq!(p.windows[0].lo, None);
+    assert_eq!(p.windows[0].hi, v("200"));
+    let w = &p.windows[0];
+    assert!(
+        w.floor <= 11 || w.xids.contains(&11),
+        "the window still re-reads what was in progress: {w:?}"
+    );
+    // Not complete until planning has ended and the last chunk is done.
+    assert!(!p.finish_planning());
+    p.chunk_done(
+        &c3,
+        &snap(13, 14, &[], 14, 2),
+        &unseen_of(&snap(13, 14, &[], 14, 2)),
+    );
+    assert_eq!(p.watermark, Some(v("400")));
+    assert!(p.load.is_none());
+    assert_eq!(p.windows.last().unwrap().hi, v("400"));
+}
+
+#[test]
+fn a_resumed_load_reads_its_open_chunks_again_and_plans_on_from_its_frontier() {
+    let mut p = Position::default();
+    p.begin_load(v("900"));
+    let c1 = p.open_chunk(None, v("300"));
+    p.advance_frontier(v("300"));
+    let c2 = p.open_chunk(Some(v("300")), v("600"));
+    p.advance_frontier(v("600"));
+    p.chunk_done(
+        &c2,
+        &snap(5, 6, &[], 6, 1),
+        &unseen_of(&snap(5, 6, &[], 6, 1)),
+    );
+    // What was stored with the second chunk: the first still open.
+    let mut resumed: Position = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+    assert_eq!(resumed, p);
+    let again = resumed.reopen_chunks();
+    assert_eq!(again, vec![c1.clone()]);
+    let load = resumed.load.as_ref().unwrap();
+    assert_eq!(
+        load.frontier,
+        Some(v("600")),
+        "planning goes on after the last chunk handed out"
+    );
+    let c1 = resumed.open_chunk(again[0].lo.clone(), again[0].hi.clone());
+    let c3 = resumed.open_chunk(Some(v("600")), v("900"));
+    resumed.advance_frontier(v("900"));
+    assert!(!resumed.finish_planning());
+    resumed.chunk_done(
+        &c3,
+        &snap(7, 8, &[], 8, 2),
+        &unseen_of(&snap(7, 8, &[], 8, 2)),
+    );
+    resumed.chunk_done(
+        &c1,
+        &snap(7, 8, &[], 8, 2),
+        &unseen_of(&snap(7, 8, &[], 8, 2)),
+    );
+    assert_eq!(resumed.watermark, Some(v("900")));
+    assert!(resumed.load.is_none());
+    let hi: Vec<Vec<String>> = resumed.windows.iter().map(|w| w.hi.clone()).collect();
+    assert_eq!(
+        hi,
+        vec![v("900")],
+        "all three chunks are neighbours: one window"
+    );
+}
+
+#[test]
+fn a_load_with_no_chunk_left_completes_when_planning_ends() {
+    let mut p = Position::default();
+    p.begin_load(v("10"));
+    let c = p.open_chunk(None, v("10"));
+    p.advance_frontier(v("10"));
+    p.chunk_done(
+        &c,
+        &snap(3, 4, &[], 4, 1),
+        &unseen_of(&snap(3, 4, &[], 4, 1)),
+    );
+    // The chunk continued the watermark up to the end before planning was over.
+    assert_eq!(p.watermark, Some(v("10")));
+    let seq = p.seq;
+    assert!(p.finish_planning());
+    assert!(p.load.is_none());
+    assert!(p.seq > seq, "the completion is a change to store");
+}
