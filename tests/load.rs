@@ -205,7 +205,7 @@ async fn a_stop_signal_during_a_parallel_load_finishes_the_chunks_in_hand() {
     let env = Env::new().await;
     orders(&env, 40_000).await;
     env.job("orders", &job(3, 1000, "max_rows_per_sec = 20000"));
-    let mut child = env
+    let child = env
         .command(&["run-once"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
