@@ -4,7 +4,7 @@
 //! - `config`: `pgtide.toml` and `jobs/*.toml`, parsed raw then validated, every problem listed.
 //! - `view`: a job resolved against the source catalog, and the SQL that reads it.
 //! - `source`: snapshot-consistent keyset reads of the source, streamed out as binary COPY;
-//!   notify jobs' triggers, event tables and listeners.
+//!   notify jobs' triggers, event tables and listeners; the indexes those reads need.
 //! - `sink`: the DWH target table, staging COPY, set-based upsert, job locks, control table.
 //! - `position`: watermarks and the recheck windows that keep them exact.
 //! - `state`: the local SQLite store of positions and runs.

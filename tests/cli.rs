@@ -34,6 +34,8 @@ async fn the_example_config_and_jobs_pass_check_and_load_the_demo_shop() {
         stdout.contains("ok   customers") && stdout.contains("ok   orders"),
         "{stdout}"
     );
+    // The demo shop has the index the orders job's (updated_at, id) watermark needs.
+    assert!(!stdout.contains("warn "), "{stdout}");
 
     let out = with_env(&["run-once"]).output().await.unwrap();
     assert!(
@@ -221,4 +223,170 @@ async fn identifiers_longer_than_63_bytes_are_config_problems_naming_field_and_v
         0,
         "nothing is written for an invalid job"
     );
+}
+
+/// What `check`'s `warn` lines for job file `file` say, in order.
+fn warnings(stdout: &str, file: &str) -> Vec<String> {
+    let tail = format!("/jobs/{file}: ");
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("warn "))
+        .filter_map(|l| l.split_once(&tail).map(|(_, w)| w.to_string()))
+        .collect()
+}
+
+/// The statements a warning gives, run on `client` as printed.
+async fn run_fix(client: &tokio_postgres::Client, warning: &str) {
+    let (_, statements) = warning.rsplit_once(": ").unwrap();
+    for s in statements.split("; ") {
+        assert!(s.starts_with("create index "), "{warning}");
+        client
+            .batch_execute(s)
+            .await
+            .unwrap_or_else(|e| panic!("{s}: {e:?}"));
+    }
+}
+
+/// `pgtide check`, which must pass; its stdout.
+async fn check_passes(env: &Env) -> String {
+    let out = env.pgtide(&["check"]).await.ok();
+    out.stdout()
+}
+
+fn poll_job(table: &str, watermark: &str) -> String {
+    format!("interval_secs = 5\nkey = [\"id\"]\n{watermark}\n[from]\ntable = '{table}'\nas = \"o\"\n[[column]]\nname = \"id\"\nfrom = \"o.id\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_warns_about_a_watermark_no_index_serves_and_gives_the_statement() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "create table orders (id bigint primary key, updated_at timestamptz not null, v text);
+             create schema \"Sales\";
+             create table \"Sales\".\"Order Lines\" (id bigint primary key, \"order\" timestamptz not null)",
+        )
+        .await
+        .unwrap();
+    env.job(
+        "orders",
+        &poll_job("orders", "watermark = [\"updated_at\", \"id\"]"),
+    );
+    env.job("by_id", &poll_job("orders", ""));
+    env.job(
+        "lines",
+        &poll_job("Sales.Order Lines", "watermark = [\"order\", \"id\"]"),
+    );
+
+    let stdout = check_passes(&env).await;
+    let warned = warnings(&stdout, "orders.toml");
+    assert_eq!(
+        warned,
+        ["watermark (updated_at, id): no index on public.orders starts with these columns in this order, \
+          so every batch sorts or scans the table to find where it ends: \
+          create index concurrently on public.orders (updated_at, id)"],
+        "{stdout}"
+    );
+    // After the job's ok line; the primary key serves a cursor on it.
+    let ok = stdout.find("ok   orders").expect("ok line");
+    assert!(stdout.find("/jobs/orders.toml: ").unwrap() > ok, "{stdout}");
+    assert!(warnings(&stdout, "by_id.toml").is_empty(), "{stdout}");
+    // Identifiers are quoted where PostgreSQL needs it, and only there.
+    let lines = warnings(&stdout, "lines.toml");
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(
+        lines[0]
+            .ends_with(": create index concurrently on \"Sales\".\"Order Lines\" (\"order\", id)"),
+        "{stdout}"
+    );
+
+    // The columns in another order do not serve the cursor's order.
+    env.src
+        .batch_execute("create index swapped on orders (id, updated_at)")
+        .await
+        .unwrap();
+    assert_eq!(warnings(&check_passes(&env).await, "orders.toml"), warned);
+
+    // The statements as printed fix it.
+    run_fix(&env.src, &warned[0]).await;
+    run_fix(&env.src, &lines[0]).await;
+    let stdout = check_passes(&env).await;
+    assert!(!stdout.contains("warn "), "{stdout}");
+
+    // A longer index led by the cursor serves too (PostgreSQL named the fix's index).
+    env.src
+        .batch_execute(
+            "drop index orders_updated_at_id_idx; create index longer on orders (updated_at, id, v)",
+        )
+        .await
+        .unwrap();
+    let stdout = check_passes(&env).await;
+    assert!(!stdout.contains("warn "), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_warns_about_every_partition_of_a_partitioned_main_table_without_the_index() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "create table events (id bigint not null, updated_at timestamptz not null) partition by range (updated_at);
+             create table events_2024 partition of events for values from ('2024-01-01') to ('2025-01-01');
+             create table events_2025 partition of events for values from ('2025-01-01') to ('2026-01-01');
+             create index on events_2024 (updated_at, id)",
+        )
+        .await
+        .unwrap();
+    env.job(
+        "events",
+        &poll_job("events", "watermark = [\"updated_at\", \"id\"]"),
+    );
+    let stdout = check_passes(&env).await;
+    let warned = warnings(&stdout, "events.toml");
+    assert_eq!(
+        warned,
+        ["watermark (updated_at, id): no index on partition public.events_2025 of public.events starts with these columns in this order, \
+          so every batch sorts or scans the table to find where it ends: \
+          create index concurrently on public.events_2025 (updated_at, id)"],
+        "{stdout}"
+    );
+    run_fix(&env.src, &warned[0]).await;
+    let stdout = check_passes(&env).await;
+    assert!(!stdout.contains("warn "), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_warns_about_notify_joins_without_indexes_on_either_side() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "create table customers (id bigint not null, name text);
+             create table orders (id bigint primary key, customer_id bigint)",
+        )
+        .await
+        .unwrap();
+    env.job(
+        "shop",
+        "mode = \"notify\"\nkey = [\"id\"]\n[from]\ntable = \"orders\"\nas = \"o\"\n[[join]]\ntable = \"customers\"\nas = \"c\"\ntype = \"left\"\non = { \"o.customer_id\" = \"c.id\" }\n[[column]]\nname = \"id\"\nfrom = \"o.id\"\n[[column]]\nname = \"customer\"\nfrom = \"c.name\"\n",
+    );
+    env.pgtide(&["install", "shop"]).await.ok();
+    let stdout = check_passes(&env).await;
+    let warned = warnings(&stdout, "shop.toml");
+    assert_eq!(
+        warned,
+        [
+            "join c (id): no index on public.customers starts with these columns, \
+             so every drain scans it to join the rows it re-reads: \
+             create index concurrently on public.customers (id)",
+            "join c (customer_id): no index on public.orders starts with these columns, \
+             so every drain scans it to find the rows a change of public.customers affects: \
+             create index concurrently on public.orders (customer_id)",
+        ],
+        "{stdout}"
+    );
+    for w in &warned {
+        run_fix(&env.src, w).await;
+    }
+    let stdout = check_passes(&env).await;
+    assert!(!stdout.contains("warn "), "{stdout}");
+    assert!(stdout.contains("ok   shop"), "{stdout}");
 }

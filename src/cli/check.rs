@@ -1,5 +1,10 @@
 //! `pgtide check`: every job's config, source tables and columns, triggers and target checked,
 //! all problems listed at once.
+//!
+//! Problems go to stderr and set the exit code. A job that passes prints `ok` on stdout,
+//! followed by `warn` lines for what will make it slow at scale (indexes its reads need that the
+//! source lacks): those are advice with the statement that fixes each, not failures, and leave
+//! the exit code alone.
 
 use std::sync::Arc;
 
@@ -35,6 +40,17 @@ pub(super) async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Fa
                 continue;
             }
         };
+        let warnings = match crate::source::indexes::missing(&source, &view).await {
+            Ok(w) => w,
+            Err(e) => {
+                unreachable.push(format!(
+                    "job {}: source: {}",
+                    job.name,
+                    crate::pg::message(&e)
+                ));
+                Vec::new()
+            }
+        };
         let mut dwh = match ctx.connect_dwh(job).await {
             Ok(c) => c,
             Err(e) => {
@@ -62,6 +78,9 @@ pub(super) async fn check(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Fa
                     .map(|m| format!("{}: target {}: {m}", job.file.display(), job.target)),
             ),
             Err(e) => unreachable.push(format!("job {}: {e}", job.name)),
+        }
+        for w in &warnings {
+            println!("warn {}: {w}", job.file.display());
         }
     }
     if !problems.is_empty() {

@@ -7,6 +7,7 @@
 //! bound parameters and read back by `current_setting`.
 
 pub mod checks;
+pub mod indexes;
 pub mod notify;
 
 use tokio_postgres::types::ToSql;
