@@ -62,6 +62,15 @@ ensure_openssl() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q openssl
 }
 
+# Debian's ClickHouse server and client (18.16), for the ClickHouse benchmarks.
+ensure_clickhouse() {
+  command -v /usr/sbin/clickhouse-server >/dev/null && return 0
+  echo "clickhouse-server not found: installing Debian's clickhouse-server and clickhouse-client" >&2
+  as_root apt-get update -q
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q clickhouse-server clickhouse-client
+  command -v /usr/sbin/clickhouse-server >/dev/null || { echo "clickhouse-server still not found after installing it" >&2; exit 1; }
+}
+
 # GNU time, for peak memory figures.
 ensure_time() {
   [ -x /usr/bin/time ] && return 0
@@ -128,8 +137,53 @@ stop_bench_cluster() {
   rm -rf "$WORK"
 }
 
+# A throwaway ClickHouse server for a benchmark, in $WORK/clickhouse (so start_bench_cluster
+# first) on two free loopback ports, with its own config, data and logs. Sets CH_HTTP, CH_TCP
+# and CH_PID; ch then talks to it. stop_bench_clickhouse stops it (stop_bench_cluster removes
+# its directory with $WORK).
+start_bench_clickhouse() {
+  local d=$WORK/clickhouse i
+  mkdir -p "$d"
+  read -r CH_HTTP CH_TCP < <(python3 -c 'import socket
+s = [socket.socket() for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*(x.getsockname()[1] for x in s))')
+  cat > "$d/config.xml" <<XML
+<yandex><logger><level>warning</level><log>$d/log.txt</log><errorlog>$d/err.txt</errorlog></logger>
+<http_port>$CH_HTTP</http_port><tcp_port>$CH_TCP</tcp_port><listen_host>127.0.0.1</listen_host>
+<path>$d/data/</path><tmp_path>$d/tmp/</tmp_path><user_files_path>$d/user_files/</user_files_path><format_schema_path>$d/fs/</format_schema_path>
+<users_config>users.xml</users_config><default_profile>default</default_profile><default_database>default</default_database><mark_cache_size>5368709120</mark_cache_size></yandex>
+XML
+  cat > "$d/users.xml" <<XML
+<yandex><profiles><default></default></profiles><users><default><password></password><networks><ip>::/0</ip></networks><profile>default</profile><quota>default</quota></default></users><quotas><default></default></quotas></yandex>
+XML
+  /usr/sbin/clickhouse-server --config-file="$d/config.xml" >"$d/stdout.txt" 2>&1 &
+  CH_PID=$!
+  # Wait for an answer from this server (its data path), not from another one that got the port.
+  for i in $(seq 1 150); do
+    if ! kill -0 "$CH_PID" 2>/dev/null; then
+      echo "clickhouse-server exited:" >&2; tail -n 5 "$d/err.txt" >&2; exit 1
+    fi
+    [ "$(curl -s "http://127.0.0.1:$CH_HTTP/" --data-binary "select data_path from system.databases where name = 'default'")" = "$d/data/data/default/" ] && return 0
+    sleep 0.2
+  done
+  echo "clickhouse-server did not answer on port $CH_HTTP within 30 s" >&2
+  exit 1
+}
+
+stop_bench_clickhouse() {
+  local i
+  [ -n "${CH_PID:-}" ] || return 0
+  kill "$CH_PID" 2>/dev/null || true
+  for i in $(seq 1 100); do kill -0 "$CH_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$CH_PID" 2>/dev/null || true
+  wait "$CH_PID" 2>/dev/null || true
+  CH_PID=""
+}
+
 psql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres "$@"; }
 pgbench() { "$BIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres "$@"; }
+ch() { clickhouse-client --host 127.0.0.1 --port "$CH_TCP" "$@"; }
 
 # The bench's source: databases src and dwh, and in src an orders-like table of $1 rows
 # (integers, numeric, a jsonb payload, timestamps) with an (updated_at, id) index.

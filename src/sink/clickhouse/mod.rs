@@ -14,7 +14,7 @@ mod ddl;
 pub mod rows;
 pub mod types;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
 use super::dwh::{Batch, Dwh, WriteError, Written};
@@ -354,7 +354,16 @@ impl Dwh for ClickHouse {
         );
         let tagger = std::sync::Arc::new(std::sync::Mutex::new(Tagger::new(version, key_fields)));
         let t = tagger.clone();
-        let tagged = rows.map(move |chunk| chunk.map(|c| t.lock().expect("tagger").feed(&c)));
+        let tagged = rows.ready_chunks(rows::PIECE_ROWS).map(move |chunks| {
+            let mut tagger = t.lock().expect("tagger");
+            // A row per chunk as a rule, each with its tag (at most 24 bytes).
+            let len: usize = chunks.iter().flatten().map(|c| c.len() + 24).sum();
+            let mut piece = BytesMut::with_capacity(len);
+            for chunk in chunks {
+                tagger.feed(&chunk?, &mut piece);
+            }
+            Ok(piece.freeze())
+        });
         match self.http.insert(&q, tagged).await {
             Ok(()) => {}
             Err(InsertError::Body(e)) => return Err(WriteError::Rows(e)),

@@ -5,7 +5,13 @@
 
 use std::collections::HashSet;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
+
+/// How many of the source's COPY messages (one row each) at most go into one piece of the
+/// insert body: the rows already received are joined, so that the connection writes (and the
+/// server reads) pieces of many rows rather than one row at a time. Joining only what is
+/// there never waits for more rows.
+pub const PIECE_ROWS: usize = 1024;
 
 /// Tags every row of a `TabSeparated` stream with `\t<version>\t0`, counting the rows and,
 /// when asked, keeping the text of their key fields.
@@ -31,9 +37,8 @@ impl Tagger {
         }
     }
 
-    /// The chunk with every row tagged.
-    pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
-        let mut out = BytesMut::with_capacity(chunk.len() + 32);
+    /// Append `chunk` to `out` with every row tagged.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut BytesMut) {
         let mut start = 0;
         for (i, b) in chunk.iter().enumerate() {
             if *b != b'\n' {
@@ -59,7 +64,6 @@ impl Tagger {
         if self.key_fields.is_some() {
             self.partial.extend_from_slice(&chunk[start..]);
         }
-        out.freeze()
     }
 
     fn key_of(&self, row: &[u8]) -> Vec<Vec<u8>> {
@@ -122,8 +126,9 @@ mod tests {
     #[test]
     fn every_row_gets_the_version_and_rows_may_span_chunks() {
         let mut t = Tagger::new(7, Some(vec![0]));
-        let a = t.feed(b"1\tx\n2\ty");
-        let b = t.feed(b"z\n3\t\\N\n");
+        let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+        t.feed(b"1\tx\n2\ty", &mut a);
+        t.feed(b"z\n3\t\\N\n", &mut b);
         assert_eq!(&a[..], b"1\tx\t7\t0\n2\ty");
         assert_eq!(&b[..], b"z\t7\t0\n3\t\\N\t7\t0\n");
         assert_eq!(t.rows, 3);
