@@ -1,24 +1,44 @@
 //! Loads of many rows (a first load, a reload after `reset`, `replay`): the range cut into
-//! chunks of `batch_size` rows that `parallel` workers read and write at once, each
-//! chunk in its own source snapshot and its own DWH transaction, streamed as any batch is.
+//! chunks that `parallel` workers read and write at once, each chunk in its own source
+//! snapshot and its own DWH transaction, streamed as any batch is.
 //!
-//! A planner walks the cursor's order, `batch_size` rows at a time (the same keyset query as a
-//! batch's upper bound), and hands each range to the next free worker; so chunks hold about
-//! equally many rows whatever the key's distribution, for any cursor (composite, text,
-//! timestamps), with no numeric key needed. Each finished chunk is recorded in the job's
+//! A planner walks the cursor's order a chunk at a time (the same keyset query as a batch's
+//! upper bound) and hands each range to the next free worker; so chunks hold as many rows as
+//! asked whatever the key's distribution, for any cursor (composite, text, timestamps), with
+//! no numeric key needed. The first chunks hold `batch_size` rows; then each chunk is sized
+//! to take about [`CHUNK_TIME`] at the speed the workers report, growing at most twofold a
+//! step and up to [`MAX_CHUNK_ROWS`]: few commits on a fast path, short snapshots on a slow
+//! one. Each finished chunk is recorded in the job's
 //! position (`position::Load`) with its rows, so a killed load resumes with the chunks it had
 //! not finished; see `position/load.rs`. Replays move no position and start over.
 //!
 //! The workers report each chunk to the run's loop (`Context::drive`), which does the
 //! bookkeeping as for any batch.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
 
 use super::*;
 use crate::position::Chunk;
+
+/// How long a chunk should take to read and write.
+pub const CHUNK_TIME: Duration = Duration::from_secs(1);
+/// The most rows in one chunk.
+pub const MAX_CHUNK_ROWS: i64 = 1_000_000;
+
+/// The rows of the next chunk: about `CHUNK_TIME`'s worth at `ns_per_row` (0: not known
+/// yet), at least `batch_size`, at most twice the last chunk and `MAX_CHUNK_ROWS`.
+fn chunk_rows(batch_size: i64, last: i64, ns_per_row: u64) -> i64 {
+    if ns_per_row == 0 {
+        return last;
+    }
+    let fits = (CHUNK_TIME.as_nanos() as u64 / ns_per_row).min(MAX_CHUNK_ROWS as u64) as i64;
+    fits.clamp(batch_size, (last * 2).max(batch_size))
+        .min(MAX_CHUNK_ROWS.max(batch_size))
+}
 
 /// A load under way.
 pub(super) struct Load {
@@ -88,6 +108,8 @@ impl Context {
         let chunks_rx = Arc::new(Mutex::new(chunks_rx));
         let (done_tx, done_rx) = mpsc::channel(workers * 2);
         let stop = Arc::new(AtomicBool::new(false));
+        // Nanoseconds per row of the last chunk finished, for the planner's next size.
+        let speed = Arc::new(AtomicU64::new(0));
         let shared = match &reach {
             Reach::Position(p) => Some(p.clone()),
             Reach::Replay { .. } => None,
@@ -96,8 +118,9 @@ impl Context {
         {
             let (ctx, view, stop, done) =
                 (self.clone(), view.clone(), stop.clone(), done_tx.clone());
+            let speed = speed.clone();
             tasks.spawn(async move {
-                if let Err(e) = ctx.plan(&view, reach, chunks_tx, &stop).await {
+                if let Err(e) = ctx.plan(&view, reach, chunks_tx, &stop, &speed).await {
                     let _ = done.send(Err(e)).await;
                 }
             });
@@ -106,10 +129,18 @@ impl Context {
             let ctx = self.clone();
             let view = view.clone();
             let (chunks, done, stop) = (chunks_rx.clone(), done_tx.clone(), stop.clone());
-            let (shared, limiter) = (shared.clone(), limiter.clone());
+            let (shared, limiter, speed) = (shared.clone(), limiter.clone(), speed.clone());
             tasks.spawn(async move {
                 let worked = ctx
-                    .work(&view, chunks, &done, &stop, shared, limiter.as_deref())
+                    .work(
+                        &view,
+                        chunks,
+                        &done,
+                        &stop,
+                        &speed,
+                        shared,
+                        limiter.as_deref(),
+                    )
                     .await;
                 if let Err(e) = worked {
                     stop.store(true, Ordering::SeqCst);
@@ -132,8 +163,9 @@ impl Context {
         reach: Reach,
         chunks: mpsc::Sender<Chunk>,
         stop: &AtomicBool,
+        speed: &AtomicU64,
     ) -> Result<(), JobError> {
-        let rows = view.job.batch_size;
+        let mut rows = view.job.batch_size;
         let mut source = self.connect_source(&view.job).await?;
         let (mut lo, end, shared) = match reach {
             Reach::Replay { lo, to } => (lo, to, None),
@@ -166,6 +198,7 @@ impl Context {
                     .map_err(JobError::Source)?
             };
             let Some(hi) = hi else { break };
+            rows = chunk_rows(view.job.batch_size, rows, speed.load(Ordering::Relaxed));
             let chunk = match &shared {
                 Some(shared) => {
                     let mut p = shared.lock().await;
@@ -200,6 +233,7 @@ impl Context {
         chunks: Arc<Mutex<mpsc::Receiver<Chunk>>>,
         done: &mpsc::Sender<Result<Applied, JobError>>,
         stop: &AtomicBool,
+        speed: &AtomicU64,
         shared: Option<Arc<Mutex<Position>>>,
         limiter: Option<&Limiter>,
     ) -> Result<(), JobError> {
@@ -214,6 +248,7 @@ impl Context {
             let Some(chunk) = chunks.lock().await.recv().await else {
                 return Ok(());
             };
+            let started = std::time::Instant::now();
             let (tx, snap) = source::begin(&mut source).await.map_err(JobError::Source)?;
             source::time_limit(&tx, job.batch_timeout)
                 .await
@@ -248,9 +283,32 @@ impl Context {
                 Ok(a) => a,
                 Err(e) => return Err(explain(&mut source, view, e, &bound).await),
             };
+            if applied.rows > 0 {
+                let ns = started.elapsed().as_nanos() as u64 / applied.rows;
+                speed.store(ns.max(1), Ordering::Relaxed);
+            }
             if done.send(Ok(applied)).await.is_err() {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_grow_to_a_second_of_work_at_most_twofold_a_step() {
+        // Unknown speed: the size stays.
+        assert_eq!(chunk_rows(10_000, 10_000, 0), 10_000);
+        // 2 µs a row: a second is 500,000 rows, reached by doubling.
+        assert_eq!(chunk_rows(10_000, 10_000, 2_000), 20_000);
+        assert_eq!(chunk_rows(10_000, 320_000, 2_000), 500_000);
+        // Fast rows stop at the cap; slow ones never go below batch_size.
+        assert_eq!(chunk_rows(10_000, 800_000, 10), MAX_CHUNK_ROWS);
+        assert_eq!(chunk_rows(10_000, 40_000, 1_000_000), 10_000);
+        // A batch_size above the cap is kept.
+        assert_eq!(chunk_rows(2_000_000, 2_000_000, 10), 2_000_000);
     }
 }
