@@ -227,6 +227,7 @@ impl Context {
     }
 
     /// Read and write chunks until none are left (or the load stops).
+    #[allow(clippy::too_many_arguments)]
     async fn work(
         &self,
         view: &View,
