@@ -284,8 +284,7 @@ impl Context {
                 Ok(a) => a,
                 Err(e) => return Err(explain(&mut source, view, e, &bound).await),
             };
-            if applied.rows > 0 {
-                let ns = started.elapsed().as_nanos() as u64 / applied.rows;
+            if let Some(ns) = (started.elapsed().as_nanos() as u64).checked_div(applied.rows) {
                 speed.store(ns.max(1), Ordering::Relaxed);
             }
             if done.send(Ok(applied)).await.is_err() {
