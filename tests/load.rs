@@ -247,3 +247,87 @@ async fn a_stop_signal_during_a_parallel_load_finishes_the_chunks_in_hand() {
     );
     assert_converged(&env).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_moved_between_chunks_is_written_last_in_its_newest_version() {
+    let env = Env::new().await;
+    env.src.batch_execute(ORDERS).await.unwrap();
+    env.src
+        .batch_execute(
+            "insert into orders (id, customer_id, amount, note, updated_at)
+             select g, 1, g, 'old', '2025-01-01'::timestamptz + (g || ' seconds')::interval
+             from generate_series(1, 1000) g",
+        )
+        .await
+        .unwrap();
+    // Two workers; the second reads slowly, the first chunk (rows 1-100) waits after its
+    // snapshot, so it commits last.
+    env.job("orders", &job(2, 100, "max_rows_per_sec = 600"));
+    let mut run = env
+        .command(&["run-once"])
+        .env("PGTIDE_HOLD_FIRST_CHUNK_MS", "3000")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Row 5 moves from the first chunk's range into a later chunk's, read after this commit.
+    env.src
+        .batch_execute(
+            "update orders set note = 'new', updated_at = '2025-01-01'::timestamptz + '950.5 seconds'::interval where id = 5",
+        )
+        .await
+        .unwrap();
+    assert!(run.wait().await.unwrap().success());
+    // The first chunk wrote the old version of row 5 after a later chunk wrote the new one.
+    assert_eq!(
+        row5(&env).await,
+        "old",
+        "the chunks did not commit out of order"
+    );
+    // The first chunk's window spans the load: the next run reads row 5 again.
+    env.pgtide(&["run-once"]).await.ok();
+    assert_eq!(row5(&env).await, "new");
+    assert_converged(&env).await;
+}
+
+async fn row5(env: &Env) -> String {
+    env.dwh
+        .query_one("select note from dw.orders where order_id = 5", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parallel_replay_ends_with_the_newest_version_of_a_row_moved_during_it() {
+    let env = Env::new().await;
+    env.src.batch_execute(ORDERS).await.unwrap();
+    env.src
+        .batch_execute(
+            "insert into orders (id, customer_id, amount, note, updated_at)
+             select g, 1, g, 'old', '2025-01-01'::timestamptz + (g || ' seconds')::interval
+             from generate_series(1, 1000) g",
+        )
+        .await
+        .unwrap();
+    env.job("orders", &job(2, 100, "max_rows_per_sec = 600"));
+    env.pgtide(&["run-once"]).await.ok();
+    let mut replay = env
+        .command(&["replay", "orders"])
+        .env("PGTIDE_HOLD_FIRST_CHUNK_MS", "3000")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    env.src
+        .batch_execute(
+            "update orders set note = 'new', updated_at = '2025-01-01'::timestamptz + '950.5 seconds'::interval where id = 5",
+        )
+        .await
+        .unwrap();
+    assert!(replay.wait().await.unwrap().success());
+    // The first chunk wrote row 5's old version last; the replay's closing re-read wrote the
+    // new one after it.
+    assert_eq!(row5(&env).await, "new");
+    assert_converged(&env).await;
+}

@@ -2,6 +2,7 @@
 //! `install`/`uninstall`/`sql`, and `status`'s counts of what is waiting.
 
 use super::*;
+use crate::position::Window;
 
 /// What a command was asked that the job cannot do.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,7 @@ impl Context {
             load::Reach::Replay { lo: from, to },
             s.limiter.clone(),
         );
+        let mut reads = Vec::new();
         let result = self
             .drive(
                 &mut s,
@@ -68,9 +70,18 @@ impl Context {
                 &mut summary,
                 &mut Instant::now(),
             )
-            .await
-            .map(|_| ());
+            .await;
         drop(load);
+        reads.append(&mut summary.reads);
+        // Workers commit their chunks in any order: one may have written an old version of a
+        // row after another wrote its new one (an update moved it between their ranges). Rows
+        // written by what any chunk's snapshot could not see are read once more, now.
+        let result = match (result, load::replay_window(reads)) {
+            (Ok(true), Some(window)) if job.parallel > 1 => {
+                self.reread(&mut s, window).await.map(|a| summary.add(a))
+            }
+            (r, _) => r.map(|_| ()),
+        };
         let error = result
             .as_ref()
             .err()
@@ -81,6 +92,39 @@ impl Context {
             .await?;
         s.close().await;
         result.map(|()| summary)
+    }
+
+    /// Apply the rows of `window` that its snapshots could not see, moving no position.
+    async fn reread<D: Dwh>(
+        &self,
+        s: &mut Session<D>,
+        window: Window,
+    ) -> Result<Applied, JobError> {
+        let (tx, _) = source::begin(&mut s.source)
+            .await
+            .map_err(JobError::Source)?;
+        source::time_limit(&tx, s.view.job.batch_timeout)
+            .await
+            .map_err(JobError::Source)?;
+        let windows = [window];
+        let bound = Range::Windows(&windows).bind(&s.view, "");
+        let mut direct = false;
+        let result = apply(
+            &tx,
+            &mut s.dwh,
+            &s.view,
+            &bound,
+            None,
+            &mut direct,
+            None,
+            s.limiter.as_deref(),
+        )
+        .await;
+        drop(tx);
+        match result {
+            Ok(a) => Ok(a),
+            Err(e) => Err(s.explain(e, &bound).await),
+        }
     }
 
     /// Set the stored watermark to `to` (the beginning when `None`), in the DWH and locally.

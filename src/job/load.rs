@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
 
 use super::*;
-use crate::position::Chunk;
+use crate::position::{Chunk, Window};
 
 /// How long a chunk should take to read and write.
 pub const CHUNK_TIME: Duration = Duration::from_secs(1);
@@ -93,6 +93,19 @@ impl Drop for Load {
         self.stop.store(true, Ordering::SeqCst);
         self.tasks.abort_all();
     }
+}
+
+/// The one window over every chunk a replay's workers read (`reads`, with their plan order):
+/// from the first chunk's start to the last one's end, with what any of their snapshots could
+/// not see.
+pub(super) fn replay_window(mut reads: Vec<(u64, Window)>) -> Option<Window> {
+    reads.sort_by_key(|(seq, _)| *seq);
+    let mut reads = reads.into_iter().map(|(_, w)| w);
+    let mut window = reads.next()?;
+    for w in reads {
+        window.absorb(w);
+    }
+    Some(window)
 }
 
 impl Context {
@@ -209,7 +222,7 @@ impl Context {
                 None => {
                     seq += 1;
                     Chunk {
-                        seq,
+                        seq: seq - 1,
                         lo: lo.clone(),
                         hi: hi.clone(),
                     }
@@ -251,6 +264,7 @@ impl Context {
             };
             let started = std::time::Instant::now();
             let (tx, snap) = source::begin(&mut source).await.map_err(JobError::Source)?;
+            hold_first_chunk(&chunk).await;
             source::time_limit(&tx, job.batch_timeout)
                 .await
                 .map_err(JobError::Source)?;
@@ -280,10 +294,14 @@ impl Context {
             )
             .await;
             drop(tx);
-            let applied = match result {
+            let mut applied = match result {
                 Ok(a) => a,
                 Err(e) => return Err(explain(&mut source, view, e, &bound).await),
             };
+            if shared.is_none() {
+                let window = Window::read(chunk.lo.clone(), chunk.hi.clone(), &snap, &unseen);
+                applied.read = Some((chunk.seq, window));
+            }
             if let Some(ns) = (started.elapsed().as_nanos() as u64).checked_div(applied.rows) {
                 speed.store(ns.max(1), Ordering::Relaxed);
             }
@@ -291,6 +309,21 @@ impl Context {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Debug builds: the first chunk of a load waits `PGTIDE_HOLD_FIRST_CHUNK_MS` after taking
+/// its snapshot, so tests can make chunks commit out of order.
+async fn hold_first_chunk(chunk: &Chunk) {
+    if !cfg!(debug_assertions) || chunk.seq != 0 {
+        return;
+    }
+    if let Some(ms) = std::env::var("PGTIDE_HOLD_FIRST_CHUNK_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tracing::info!(ms, "holding the first chunk of the load");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 

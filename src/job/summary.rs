@@ -18,6 +18,8 @@ pub struct RunSummary {
     pub deleted: u64,
     /// Per column, values that transforms turned into NULL.
     pub tallies: BTreeMap<String, Tally>,
+    /// The windows of a replay's chunks (plan order), for its closing re-read.
+    pub(crate) reads: Vec<(u64, crate::position::Window)>,
 }
 
 /// What one batch (or one recheck, or one drain) applied.
@@ -30,10 +32,14 @@ pub(crate) struct Applied {
     pub(super) tallies: BTreeMap<String, Tally>,
     /// The position stored with the rows, when the batch moved it.
     pub(super) stored: Option<Position>,
+    /// A replay's chunk (plan order) and the window its read leaves, for the re-read that
+    /// ends a replay written by several workers.
+    pub(super) read: Option<(u64, crate::position::Window)>,
 }
 
 impl RunSummary {
     pub(super) fn add(&mut self, a: Applied) {
+        self.reads.extend(a.read);
         self.rows += a.rows;
         self.changed += a.changed;
         self.deleted += a.deleted;

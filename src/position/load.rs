@@ -12,6 +12,12 @@
 //! When every chunk is done the watermark moves to `end` and the chunks' windows join the
 //! position's: rows that commit late into a chunk already read are found by the recheck, as
 //! after any batch.
+//!
+//! A chunk's window spans the whole load, not only the chunk: chunks commit in any order, so
+//! a row that an update moved from one chunk's range into another's can be read in its old
+//! version by a chunk that commits after the chunk that read its new one. The update's
+//! transaction was not visible to the first chunk's snapshot, so a recheck over the whole load
+//! with that snapshot's window reads the row again, now, and writes it last.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +25,10 @@ use super::{Position, Snapshot, Unseen, Window, MAX_WINDOWS};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Load {
-    /// The cursor of the newest row when the load began: the load reads `(watermark, end]`.
+    /// The watermark when the load began.
+    #[serde(default)]
+    pub start: Option<Vec<String>>,
+    /// The cursor of the newest row when the load began: the load reads `(start, end]`.
     pub end: Vec<String>,
     /// Every chunk up to here has been handed out (`None`: none yet, they start at the
     /// watermark).
@@ -46,11 +55,14 @@ pub struct Chunk {
     pub hi: Vec<String>,
 }
 
-/// Finished chunks `first..=last` (plan order) and the window they leave.
+/// Finished chunks `first..=last` (plan order), the range `(lo, hi]` they cover, and the
+/// window they leave (over the whole load).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Done {
     pub first: u64,
     pub last: u64,
+    pub lo: Option<Vec<String>>,
+    pub hi: Vec<String>,
     pub window: Window,
 }
 
@@ -58,6 +70,7 @@ impl Position {
     /// Begin a load of `(watermark, end]`.
     pub fn begin_load(&mut self, end: Vec<String>) {
         self.load = Some(Load {
+            start: self.watermark.clone(),
             end,
             frontier: self.watermark.clone(),
             planned: false,
@@ -116,29 +129,22 @@ impl Position {
     pub fn chunk_done(&mut self, chunk: &Chunk, snap: &Snapshot, unseen: &Unseen) {
         let load = self.load.as_mut().expect("a load in progress");
         load.open.retain(|c| c.seq != chunk.seq);
-        let mut window = Window::read(chunk.lo.clone(), chunk.hi.clone(), snap, unseen);
+        let window = Window::read(load.start.clone(), load.end.clone(), snap, unseen);
         let at = load.done.partition_point(|d| d.last < chunk.seq);
-        let mut done = Done {
-            first: chunk.seq,
-            last: chunk.seq,
-            window: window.clone(),
-        };
-        // Merge with the finished neighbours: plan order is cursor order.
-        if at > 0 && load.done[at - 1].last + 1 == chunk.seq {
-            let before = load.done.remove(at - 1);
-            let mut w = before.window;
-            w.absorb(window);
-            window = w;
-            done = Done {
-                first: before.first,
+        load.done.insert(
+            at,
+            Done {
+                first: chunk.seq,
                 last: chunk.seq,
-                window: window.clone(),
-            };
-            load.done.insert(at - 1, done.clone());
+                lo: chunk.lo.clone(),
+                hi: chunk.hi.clone(),
+                window,
+            },
+        );
+        // Merge with the finished neighbours: plan order is cursor order.
+        self.merge_next(at);
+        if at > 0 {
             self.merge_next(at - 1);
-        } else {
-            load.done.insert(at, done);
-            self.merge_next(at);
         }
         self.take_prefix();
         self.complete_load();
@@ -151,18 +157,14 @@ impl Position {
         let Some(load) = self.load.as_mut() else {
             return;
         };
-        if load
-            .done
-            .first()
-            .is_some_and(|d| d.window.lo == self.watermark)
-        {
+        if load.done.first().is_some_and(|d| d.lo == self.watermark) {
             let first = load.done.remove(0);
-            self.watermark = Some(first.window.hi.clone());
+            self.watermark = Some(first.hi);
             self.push_window(first.window);
         }
     }
 
-    /// Keep `window` (the next range in cursor order), merging the oldest beyond the limit.
+    /// Keep `window`, merging the oldest beyond the limit.
     fn push_window(&mut self, window: Window) {
         self.windows.push(window);
         while self.windows.len() > MAX_WINDOWS {
@@ -177,6 +179,7 @@ impl Position {
         if i + 1 < load.done.len() && load.done[i].last + 1 == load.done[i + 1].first {
             let next = load.done.remove(i + 1);
             load.done[i].last = next.last;
+            load.done[i].hi = next.hi;
             load.done[i].window.absorb(next.window);
         }
     }

@@ -290,7 +290,8 @@ impl Window {
         self.xids.dedup();
     }
 
-    fn absorb(&mut self, later: Window) {
+    /// Widen this window by `later`, the window of the range that follows it.
+    pub fn absorb(&mut self, later: Window) {
         // Keep the widest view: re-read from the lower floor, wait for the later next, mark
         // and read time.
         if later.lo.is_none() || self.lo.is_none() {
