@@ -44,6 +44,9 @@ pub struct ClickHouse {
     datetime64: bool,
     /// The last version written to the target; the next is greater.
     last_version: u64,
+    /// The seq this connection stored last: later writes need not read it back (the job's
+    /// lock keeps other writers out).
+    written_seq: Option<i64>,
 }
 
 impl ClickHouse {
@@ -55,6 +58,7 @@ impl ClickHouse {
             database,
             datetime64,
             last_version: 0,
+            written_seq: None,
         }
     }
 
@@ -113,7 +117,11 @@ impl ClickHouse {
     /// Write the position after checking that it moves forward (the job's lock keeps others
     /// from writing between the check and the insert).
     async fn write_position(&mut self, job: &str, pos: &Position) -> Result<(), SinkError> {
-        if let Some((stored, _)) = self.stored_seq(job).await? {
+        let stored = match self.written_seq {
+            Some(seq) => Some(seq),
+            None => self.stored_seq(job).await?.map(|(seq, _)| seq),
+        };
+        if let Some(stored) = stored {
             if stored >= pos.seq {
                 return Err(SinkError::Backwards {
                     job: job.to_string(),
@@ -136,7 +144,9 @@ impl ClickHouse {
             "insert into {} (job, seq, position) format TabSeparated",
             self.positions()
         );
-        self.insert_bytes(&q, body).await
+        self.insert_bytes(&q, body).await?;
+        self.written_seq = Some(pos.seq);
+        Ok(())
     }
 
     async fn insert_bytes(&mut self, q: &str, body: Vec<u8>) -> Result<(), SinkError> {
