@@ -8,8 +8,8 @@
 //! One batch, top to bottom: `Context::drive` (the one loop, and its bookkeeping) asks
 //! `batch` for the next range past the watermark (`view::range`), and `write::apply` streams
 //! its rows into the DWH (`sink::dwh`) with the position after it. `follow` holds a notify
-//! job's first load and its drains, `commands` what acts on a job besides running it, and
-//! `summary` what a run did.
+//! job's first load and its drains, `commands` what acts on a job besides running it,
+//! `summary` what a run did, and `loading` the progress of a load (begun and ended by `drive`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +32,7 @@ use crate::view::{self, CheckKind, View, ViewError};
 
 mod commands;
 mod follow;
+mod loading;
 mod summary;
 #[cfg(test)]
 mod tests;
@@ -118,6 +119,8 @@ struct Session<D = Warehouse> {
     /// Copy batches straight into the target (it was empty with exactly the view's types)
     /// until a key turns out to exist already; then stage and upsert.
     copy_direct: bool,
+    /// The job's progress: whatever commits rows of a load adds them here.
+    progress: Arc<crate::progress::Progress>,
 }
 
 impl<D: Dwh> Session<D> {
@@ -228,6 +231,7 @@ impl Context {
             dwh,
             view,
             copy_direct: target.copy_direct,
+            progress: self.metrics.progress(&job.name),
         })
     }
 
@@ -379,7 +383,8 @@ impl Context {
     /// Apply `feed` step by step until it runs dry (`true`) or the run is stopping (`false`),
     /// doing each step's bookkeeping here and only here: metrics, the run's summary, and the
     /// state store (the position after every batch that moved it; the run's row count at
-    /// most once a second otherwise, since `last_progress`: no disk sync per drain).
+    /// most once a second otherwise, since `last_progress`: no disk sync per drain), and the
+    /// progress of a load (`loading`).
     async fn drive<D: Dwh>(
         &self,
         s: &mut Session<D>,
@@ -389,10 +394,11 @@ impl Context {
         last_progress: &mut Instant,
     ) -> Result<bool, JobError> {
         let job = s.view.job.clone();
-        loop {
+        let load = self.begin_load(s, run, feed).await?;
+        let done = loop {
             if self.stopping() {
                 tracing::info!(job = %job.name, "stopping at a batch boundary");
-                return Ok(false);
+                break false;
             }
             let t = Instant::now();
             let step = match feed {
@@ -412,7 +418,7 @@ impl Context {
                 }
             };
             let Some((applied, events)) = step else {
-                break;
+                break true;
             };
             let (rows, changed) = (applied.rows, applied.changed);
             self.metrics.rows(&job.name, rows);
@@ -420,6 +426,7 @@ impl Context {
             summary.events += events;
             summary.add(applied);
             summary.batches += 1;
+            s.progress.add(rows);
             match feed {
                 Feed::Watermark(pos) => {
                     self.store
@@ -433,8 +440,9 @@ impl Context {
                 _ => {}
             }
             tracing::debug!(job = %job.name, rows, changed, events, ms = t.elapsed().as_millis() as u64, "batch committed");
-        }
-        Ok(true)
+        };
+        self.end_load(load, run).await?;
+        Ok(done)
     }
 
     /// Re-read rows of open windows written by transactions the windows' snapshots could not

@@ -158,6 +158,7 @@ async fn session(f: &Fixture, fail_at: Option<usize>) -> (Session<FakeDwh>, Arc<
         },
         view,
         copy_direct: false,
+        progress: Default::default(),
     };
     (s, log)
 }
