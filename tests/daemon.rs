@@ -131,6 +131,14 @@ async fn cron_and_interval_jobs_fire_and_metrics_match_what_was_loaded() {
         count(&env, "by_cron").await == 11 && count(&env, "by_interval").await == 22
     })
     .await;
+    // A run is counted when it has ended, a moment after its last rows landed.
+    wait_for(20, "the runs that loaded them to end", || async {
+        let response = http_get(port, "/metrics").await;
+        samples(response.split("\r\n\r\n").nth(1).unwrap_or(""))
+            .iter()
+            .any(|(n, v)| n == "pgtide_runs_total{job=\"by_cron\",outcome=\"ok\"}" && *v >= 2.0)
+    })
+    .await;
 
     assert!(http_get(port, "/healthz").await.ends_with("\r\n\r\nok\n"));
     let response = http_get(port, "/metrics").await;
