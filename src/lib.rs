@@ -8,6 +8,8 @@
 //! - `sink`: the DWH target table, staging COPY, set-based upsert, job locks, control table.
 //! - `position`: watermarks and the recheck windows that keep them exact.
 //! - `state`: the local SQLite store of positions and runs.
+//! - `progress`: a load's rows done, estimate, rate and time left; shown as a bar on a
+//!   terminal or as log lines.
 //! - `job`: one run of a job, batch by batch; a notify job followed between drains.
 //! - `scheduler`: `pgtide run`: poll jobs' cron and interval ticks (one run of a job at a
 //!   time), notify jobs followed, one retry-with-backoff for both.
@@ -33,6 +35,7 @@ pub mod job;
 pub mod metrics;
 pub mod pg;
 pub mod position;
+pub mod progress;
 pub mod scheduler;
 pub mod shutdown;
 pub mod sink;

@@ -4,8 +4,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+
+use crate::progress::{Progress, Snapshot};
 
 /// Upper bounds (seconds) of the batch duration histogram's buckets.
 const BUCKETS: [f64; 11] = [
@@ -24,6 +26,7 @@ struct JobMetrics {
     waiting: Option<i64>,
     last_success: Option<SystemTime>,
     retry_attempt: u64,
+    progress: Arc<Progress>,
 }
 
 /// Every job's figures, shared by the tasks of the daemon.
@@ -95,6 +98,11 @@ impl Metrics {
 
     pub fn retry_attempt(&self, job: &str, attempt: u64) {
         self.with(job, |m| m.retry_attempt = attempt);
+    }
+
+    /// The progress of the job's loads, shared by its runs and whatever shows them.
+    pub fn progress(&self, job: &str) -> Arc<Progress> {
+        self.with(job, |m| m.progress.clone())
     }
 
     /// The Prometheus text exposition of every job.
@@ -213,6 +221,38 @@ impl Metrics {
                 let _ = writeln!(o, "pgtide_retry_attempt{{job=\"{j}\"}} {}", m.retry_attempt);
             },
         );
+        let loads: BTreeMap<&str, _> = jobs
+            .iter()
+            .filter_map(|(j, m)| Some((j.as_str(), m.progress.snapshot()?)))
+            .collect();
+        let mut load = |name: &str, help: &str, value: &dyn Fn(&Snapshot) -> Option<f64>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (j, s) in &loads {
+                if let Some(v) = value(s) {
+                    let _ = writeln!(out, "{name}{{job=\"{j}\"}} {v}");
+                }
+            }
+        };
+        load(
+            "pgtide_load_rows_done",
+            "Rows the job's load in hand has applied (while a load runs).",
+            &|s| Some(s.rows_done as f64),
+        );
+        load(
+            "pgtide_load_rows_total",
+            "The estimate of the rows the job's load in hand reads in all (when one was made).",
+            &|s| s.rows_total.map(|t| t as f64),
+        );
+        load(
+            "pgtide_load_rows_per_second",
+            "The mean rate of the job's load in hand since it began.",
+            &|s| Some(s.rows_per_sec),
+        );
+        load(
+            "pgtide_load_eta_seconds",
+            "The time the job's load in hand still needs at its mean rate (when estimated).",
+            &|s| s.eta_secs.map(|e| e as f64),
+        );
         out
     }
 }
@@ -310,5 +350,36 @@ mod tests {
             !text.contains("pgtide_seconds_since_last_success{job=\"idle\"}"),
             "{text}"
         );
+        assert!(!text.contains("pgtide_load_rows_done{"), "{text}");
+    }
+
+    #[test]
+    fn a_load_in_hand_is_rendered_while_it_runs() {
+        let m = Metrics::default();
+        m.register("idle");
+        let p = m.progress("orders");
+        p.begin(Some(1000));
+        p.add(250);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "# TYPE pgtide_load_rows_done gauge\npgtide_load_rows_done{job=\"orders\"} 250\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgtide_load_rows_total{job=\"orders\"} 1000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgtide_load_rows_per_second{job=\"orders\"} "),
+            "{text}"
+        );
+        assert!(
+            !text.contains("pgtide_load_rows_done{job=\"idle\"}"),
+            "{text}"
+        );
+        p.end();
+        assert!(!m.render().contains("pgtide_load_rows_done{"));
     }
 }

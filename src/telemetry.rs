@@ -1,4 +1,5 @@
-//! Logging: tracing to stderr, text or JSON, filtered by `RUST_LOG` (default `pgtide=info`).
+//! Logging: tracing to stderr, text or JSON, filtered by `RUST_LOG` (default `pgtide=info`),
+//! written around the progress bars when a terminal shows them.
 
 use tracing_subscriber::EnvFilter;
 
@@ -16,9 +17,24 @@ pub fn init(format: LogFormat, default_filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(|| Stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// stderr through `progress::show`: tracing writes each event in one call, and a line
+/// written while bars are drawn hides them for the time it takes.
+struct Stderr;
+
+impl std::io::Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        crate::progress::show::write_stderr(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }

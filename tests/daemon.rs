@@ -21,6 +21,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(env: &Env) -> Daemon {
+        Daemon::start_with(env, &[])
+    }
+
+    /// `start`, with these environment variables set for the daemon.
+    fn start_with(env: &Env, vars: &[(&str, &str)]) -> Daemon {
         let log = env.dir.path().join(format!(
             "daemon-{}.log",
             std::time::SystemTime::now()
@@ -30,6 +35,7 @@ impl Daemon {
         ));
         let child = env
             .command(&["run"])
+            .envs(vars.iter().copied())
             .stderr(std::fs::File::create(&log).unwrap())
             .stdout(Stdio::null())
             .spawn()
@@ -125,6 +131,14 @@ async fn cron_and_interval_jobs_fire_and_metrics_match_what_was_loaded() {
         count(&env, "by_cron").await == 11 && count(&env, "by_interval").await == 22
     })
     .await;
+    // A run is counted when it has ended, a moment after its last rows landed.
+    wait_for(20, "the runs that loaded them to end", || async {
+        let response = http_get(port, "/metrics").await;
+        samples(response.split("\r\n\r\n").nth(1).unwrap_or(""))
+            .iter()
+            .any(|(n, v)| n == "pgtide_runs_total{job=\"by_cron\",outcome=\"ok\"}" && *v >= 2.0)
+    })
+    .await;
 
     assert!(http_get(port, "/healthz").await.ends_with("\r\n\r\nok\n"));
     let response = http_get(port, "/metrics").await;
@@ -162,6 +176,73 @@ async fn cron_and_interval_jobs_fire_and_metrics_match_what_was_loaded() {
     assert!(
         v[0]["seconds_since_last_success"].as_f64().unwrap() < 30.0,
         "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_in_hand_is_in_the_metrics_and_the_log_until_it_ends() {
+    let env = Env::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = std::fs::read_to_string(env.config()).unwrap()
+        + &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), toml).unwrap();
+    env.src
+        .batch_execute("create table slow (id bigint primary key, v text); insert into slow select g, 'v' from generate_series(1, 3000) g")
+        .await
+        .unwrap();
+    // Every row takes about 2 ms to read: a load of some seconds.
+    env.job(
+        "slow",
+        &(poll_job("slow", "interval_secs = 60", 100)
+            + "[[column]]\nname = \"pause\"\nsql = \"length(pg_sleep(0.002)::text)\"\n"),
+    );
+    let daemon = Daemon::start_with(&env, &[("PGTIDE_PROGRESS_LOG_SECS", "1")]);
+    let metrics = || async {
+        let response = http_get(port, "/metrics").await;
+        samples(response.split("\r\n\r\n").nth(1).unwrap_or(""))
+    };
+    let get = |s: &[(String, f64)], name: &str| {
+        s.iter()
+            .find(|(n, _)| n == &format!("{name}{{job=\"slow\"}}"))
+            .map(|(_, v)| *v)
+    };
+    wait_for(30, "the daemon to serve /metrics", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        let s = metrics().await;
+        if get(&s, "pgtide_load_rows_done").unwrap_or(0.0) > 0.0 {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the metrics never showed the load under way"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(get(&seen, "pgtide_load_rows_total"), Some(3000.0));
+    assert!(get(&seen, "pgtide_load_rows_per_second").unwrap() > 0.0);
+    assert!(get(&seen, "pgtide_load_eta_seconds").is_some());
+    wait_for(60, "the load to end", || async {
+        count(&env, "slow").await == 3000
+            && get(&metrics().await, "pgtide_load_rows_done").is_none()
+    })
+    .await;
+    let (status, log) = daemon.stop().await;
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        log.lines().any(|l| l.contains(" loading ")
+            && l.contains("job=slow")
+            && l.contains("rows_total=3000")),
+        "{log}"
     );
 }
 

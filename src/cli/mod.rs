@@ -19,7 +19,7 @@ mod run;
 mod status;
 
 use check::check;
-use run::{daemon, run_once, write_metrics};
+use run::{daemon, run_once, show_loads, write_metrics};
 use status::status;
 
 pub const EXIT_FAILED: i32 = 1;
@@ -201,7 +201,13 @@ async fn dispatch(command: Command, config: Arc<Config>) -> Result<(), Failure> 
             }
             result
         }
-        Command::Run => daemon(ctx).await,
+        Command::Run => {
+            // Without a person watching: the loads of the daemon's jobs go to its log.
+            let shown = show_loads(&ctx, &config.jobs, crate::progress::show::Show::Log);
+            let result = daemon(ctx).await;
+            shown.stop().await;
+            result
+        }
         Command::Status { json, jobs } => status(&ctx, &select(&config, &jobs)?, json).await,
         Command::Replay {
             job,
@@ -212,10 +218,14 @@ async fn dispatch(command: Command, config: Arc<Config>) -> Result<(), Failure> 
             let job = one(&config, &job)?;
             let from = from.map(|v| parse_value(&v, "--from")).transpose()?;
             let to = to.map(|v| parse_value(&v, "--to")).transpose()?;
-            let s = ctx
-                .replay(&job, from, to, dry_run)
-                .await
-                .map_err(|e| Failure::job(&job.name, &e))?;
+            let shown = show_loads(
+                &ctx,
+                std::slice::from_ref(&job),
+                crate::progress::show::Show::detect(),
+            );
+            let replayed = ctx.replay(&job, from, to, dry_run).await;
+            shown.stop().await;
+            let s = replayed.map_err(|e| Failure::job(&job.name, &e))?;
             if dry_run {
                 println!("job {}: replay would read {} source rows", job.name, s.rows);
             } else {

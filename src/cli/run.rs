@@ -1,13 +1,23 @@
-//! `pgtide run-once` and `pgtide run`: runs reported per job, the metrics file, and the
-//! daemon's stop on a signal.
+//! `pgtide run-once` and `pgtide run`: runs reported per job, their loads shown as they go,
+//! the metrics file, and the daemon's stop on a signal.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::{JobSpec, Mode};
 use crate::job::{Context, Tally};
+use crate::progress::show::{self, Show, Shown};
 
 use super::{Failure, EXIT_FAILED, EXIT_LOCKED};
+
+/// Show the loads of `jobs` while a command runs them.
+pub(super) fn show_loads(ctx: &Context, jobs: &[Arc<JobSpec>], how: Show) -> Shown {
+    let jobs = jobs
+        .iter()
+        .map(|j| (j.name.clone(), ctx.metrics.progress(&j.name)))
+        .collect();
+    show::show(jobs, how)
+}
 
 /// `pgtide run-once`. The first SIGINT or SIGTERM stops it at the next batch boundary (the
 /// chunks being written finish, nothing new starts) and it exits 1; a second exits at once.
@@ -38,11 +48,15 @@ pub(super) async fn run_once(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(),
 
 async fn run_jobs(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
     let mut failures = Vec::new();
+    let shown = show_loads(ctx, jobs, Show::detect());
     for job in jobs {
         if ctx.shutdown.is_shutdown() {
             break;
         }
-        match ctx.run_once(job).await {
+        let result = ctx.run_once(job).await;
+        // The job's bar leaves the terminal before its line is printed.
+        shown.refresh();
+        match result {
             Ok(s) => println!(
                 "job {}: {} rows read, {} changed, {} batches{}{}",
                 job.name,
@@ -65,6 +79,7 @@ async fn run_jobs(ctx: &Context, jobs: &[Arc<JobSpec>]) -> Result<(), Failure> {
             }
         }
     }
+    shown.stop().await;
     match failures.len() {
         0 => Ok(()),
         _ => {

@@ -1,4 +1,5 @@
-//! `pgtide status`: per job its mode, watermark, rows waiting and last run, as a table or JSON.
+//! `pgtide status`: per job its mode, watermark, rows waiting, last run and the progress of
+//! a load in hand, as a table or JSON.
 
 use std::sync::Arc;
 
@@ -6,6 +7,7 @@ use serde_json::json;
 
 use crate::config::{JobSpec, Mode};
 use crate::job::Context;
+use crate::progress::Snapshot;
 
 use super::run::nulls;
 use super::Failure;
@@ -20,6 +22,7 @@ pub(super) async fn status(
         let err = |e: crate::state::StateError| Failure::failed(e.to_string());
         let pos = ctx.store.position(&job.name).await.map_err(err)?;
         let last = ctx.store.last_run(&job.name).await.map_err(err)?;
+        let progress = ctx.store.progress(&job.name).await.map_err(err)?;
         let since_success = ctx
             .store
             .last_success(&job.name)
@@ -56,6 +59,7 @@ pub(super) async fn status(
             "oldest_event_secs": oldest,
             "seconds_since_last_success": since_success,
             "last_run": last,
+            "progress": progress,
         }));
     }
     if as_json {
@@ -79,26 +83,7 @@ pub(super) async fn status(
         let waiting = v["waiting"]
             .as_i64()
             .map_or("?".to_string(), |n| n.to_string());
-        let last = match &v["last_run"] {
-            serde_json::Value::Null => "never".to_string(),
-            r => format!(
-                "{} {} rows, started {}{}{}{}",
-                r["outcome"].as_str().unwrap_or(""),
-                r["rows"],
-                r["started_at"].as_str().unwrap_or(""),
-                v["seconds_since_last_success"]
-                    .as_f64()
-                    .map(|s| format!("; last success {s:.0} s ago"))
-                    .unwrap_or_else(|| "; never succeeded".into()),
-                serde_json::from_value(r["columns"].clone())
-                    .map(|t| nulls(&t))
-                    .unwrap_or_default(),
-                r["error"]
-                    .as_str()
-                    .map(|e| format!("\n{:>71}error: {e}", ""))
-                    .unwrap_or_default()
-            ),
-        };
+        let last = last_run(v);
         println!(
             "{:<20} {:<6} {:<32} {:>9}  {last}",
             job.name,
@@ -108,4 +93,64 @@ pub(super) async fn status(
         );
     }
     Ok(())
+}
+
+/// The LAST RUN column: `ok 1200 rows, started ...; last success 5 s ago`, and while a run
+/// loads `running, loading 412,000/1,000,000 (52,000 rows/s, ETA 11 s), started ...`.
+fn last_run(v: &serde_json::Value) -> String {
+    let r = match &v["last_run"] {
+        serde_json::Value::Null => return "never".to_string(),
+        r => r,
+    };
+    let done = match serde_json::from_value::<Snapshot>(v["progress"].clone()) {
+        Ok(p) => format!(", loading {p}"),
+        Err(_) => format!(" {} rows", r["rows"]),
+    };
+    format!(
+        "{}{done}, started {}{}{}{}",
+        r["outcome"].as_str().unwrap_or(""),
+        r["started_at"].as_str().unwrap_or(""),
+        v["seconds_since_last_success"]
+            .as_f64()
+            .map(|s| format!("; last success {s:.0} s ago"))
+            .unwrap_or_else(|| "; never succeeded".into()),
+        serde_json::from_value(r["columns"].clone())
+            .map(|t| nulls(&t))
+            .unwrap_or_default(),
+        r["error"]
+            .as_str()
+            .map(|e| format!("\n{:>71}error: {e}", ""))
+            .unwrap_or_default()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_run_column_shows_a_load_in_hand() {
+        let run = json!({
+            "started_at": "2025-01-31T12:00:00.000Z", "finished_at": null, "outcome": "running",
+            "rows": 412000, "error": null, "unmapped": 0, "nulled": 0, "columns": {},
+        });
+        let progress = Snapshot::at(
+            412_000,
+            Some(1_000_000),
+            std::time::Duration::from_secs_f64(412.0 / 52.0),
+        );
+        let v =
+            json!({"last_run": run, "progress": progress, "seconds_since_last_success": 3600.0});
+        assert_eq!(
+            last_run(&v),
+            "running, loading 412,000/1,000,000 (52,000 rows/s, ETA 12 s), started \
+             2025-01-31T12:00:00.000Z; last success 3600 s ago"
+        );
+        let v = json!({"last_run": run, "progress": null, "seconds_since_last_success": null});
+        assert_eq!(
+            last_run(&v),
+            "running 412000 rows, started 2025-01-31T12:00:00.000Z; never succeeded"
+        );
+        assert_eq!(last_run(&json!({"last_run": null})), "never");
+    }
 }

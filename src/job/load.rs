@@ -42,6 +42,9 @@ fn chunk_rows(batch_size: i64, last: i64, ns_per_row: u64) -> i64 {
 
 /// A load under way.
 pub(super) struct Load {
+    /// The range it reads, `(lo, hi]` (`hi` open for a replay to the end).
+    pub(super) lo: Option<Vec<String>>,
+    pub(super) hi: Option<Vec<String>>,
     done: mpsc::Receiver<Result<Applied, JobError>>,
     stop: Arc<AtomicBool>,
     tasks: JoinSet<()>,
@@ -123,9 +126,15 @@ impl Context {
         let stop = Arc::new(AtomicBool::new(false));
         // Nanoseconds per row of the last chunk finished, for the planner's next size.
         let speed = Arc::new(AtomicU64::new(0));
-        let shared = match &reach {
-            Reach::Position(p) => Some(p.clone()),
-            Reach::Replay { .. } => None,
+        let (shared, lo, hi) = match &reach {
+            Reach::Position(p) => {
+                let pos = p
+                    .try_lock()
+                    .expect("nothing holds a load's position before it starts");
+                let end = pos.load.as_ref().map(|l| l.end.clone());
+                (Some(p.clone()), pos.watermark.clone(), end)
+            }
+            Reach::Replay { lo, to } => (None, lo.clone(), to.clone()),
         };
         let mut tasks = JoinSet::new();
         {
@@ -162,6 +171,8 @@ impl Context {
             });
         }
         Load {
+            lo,
+            hi,
             done: done_rx,
             stop,
             tasks,

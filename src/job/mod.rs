@@ -8,8 +8,8 @@
 //! One batch, top to bottom: `Context::drive` (the one loop, and its bookkeeping) asks
 //! `batch` for the next range past the watermark (`view::range`), and `write::apply` streams
 //! its rows into the DWH (`sink::dwh`) with the position after it. `follow` holds a notify
-//! job's first load and its drains, `commands` what acts on a job besides running it, and
-//! `summary` what a run did.
+//! job's first load and its drains, `commands` what acts on a job besides running it,
+//! `summary` what a run did, and `loading` the progress of a load (begun and ended by `drive`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use crate::view::{self, CheckKind, View, ViewError};
 mod commands;
 mod follow;
 mod load;
+mod loading;
 mod summary;
 #[cfg(test)]
 mod tests;
@@ -137,6 +138,8 @@ struct Session<D = Warehouse> {
     copy_direct: bool,
     /// The job's `max_rows_per_sec`, shared by everything that reads for this run.
     limiter: Option<Arc<Limiter>>,
+    /// The job's progress: whatever commits rows of a load adds them here.
+    progress: Arc<crate::progress::Progress>,
 }
 
 impl<D: Dwh> Session<D> {
@@ -249,6 +252,7 @@ impl Context {
             view,
             copy_direct: target.copy_direct,
             limiter: job.max_rows_per_sec.map(|r| Arc::new(Limiter::new(r))),
+            progress: self.metrics.progress(&job.name),
         })
     }
 
@@ -409,7 +413,8 @@ impl Context {
     /// Apply `feed` step by step until it runs dry (`true`) or the run is stopping (`false`),
     /// doing each step's bookkeeping here and only here: metrics, the run's summary, and the
     /// state store (the position after every batch that moved it; the run's row count at
-    /// most once a second otherwise, since `last_progress`: no disk sync per drain).
+    /// most once a second otherwise, since `last_progress`: no disk sync per drain), and the
+    /// progress of a load (`loading`).
     async fn drive<D: Dwh>(
         &self,
         s: &mut Session<D>,
@@ -419,7 +424,8 @@ impl Context {
         last_progress: &mut Instant,
     ) -> Result<bool, JobError> {
         let job = s.view.job.clone();
-        loop {
+        let load = self.begin_load(s, run, feed).await?;
+        let done = loop {
             if self.stopping() {
                 match feed {
                     Feed::Load(load) if !load.stopped() => {
@@ -429,7 +435,7 @@ impl Context {
                     Feed::Load(_) => {}
                     _ => {
                         tracing::info!(job = %job.name, "stopping at a batch boundary");
-                        return Ok(false);
+                        break false;
                     }
                 }
             }
@@ -443,7 +449,7 @@ impl Context {
                 Feed::Load(load) => load.next().await?.map(|a| (a, 0)),
             };
             let Some((applied, events)) = step else {
-                break;
+                break true;
             };
             let (rows, changed) = (applied.rows, applied.changed);
             let stored = applied.stored.clone();
@@ -452,6 +458,7 @@ impl Context {
             summary.events += events;
             summary.add(applied);
             summary.batches += 1;
+            s.progress.add(rows);
             match (&mut *feed, stored) {
                 (Feed::Watermark(pos), _) => {
                     self.store
@@ -470,8 +477,9 @@ impl Context {
                 _ => {}
             }
             tracing::debug!(job = %job.name, rows, changed, events, ms = t.elapsed().as_millis() as u64, "batch committed");
-        }
-        Ok(!matches!(feed, Feed::Load(load) if load.stopped()))
+        };
+        self.end_load(load, run).await?;
+        Ok(done && !matches!(feed, Feed::Load(load) if load.stopped()))
     }
 
     /// Load the rows of a position that starts from the beginning (or has a load under way)

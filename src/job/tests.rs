@@ -175,6 +175,7 @@ async fn session(f: &Fixture, fail_at: Option<usize>) -> (Session<FakeDwh>, Arc<
         view,
         copy_direct: false,
         limiter: None,
+        progress: Default::default(),
     };
     (s, log)
 }

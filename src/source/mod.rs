@@ -254,6 +254,58 @@ pub async fn count(
     Ok(client.query_one(&q, &params).await?.get(0))
 }
 
+/// Main tables up to this size are counted exactly when their statistics say nothing: a scan
+/// of 32 MiB takes well under a second, even from disk.
+const COUNT_MAX_BYTES: i64 = 32 << 20;
+
+/// An estimate of the main-table rows in `(lo, hi]`, cheap at any table size, for the progress
+/// of a load: for the whole table the statistics (`pg_class.reltuples`, scaled to the table's
+/// size now as the planner does), an exact `count(*)` when they say nothing (never vacuumed or
+/// analyzed) and the table is small; otherwise, and for a range, the planner's estimate of
+/// the rows. `None` when the planner gives no usable number.
+pub async fn estimate(
+    client: &Client,
+    view: &View,
+    lo: Option<&[String]>,
+    hi: Option<&[String]>,
+) -> Result<Option<u64>, tokio_postgres::Error> {
+    if lo.is_none() && hi.is_none() {
+        let main = &view.job.from.name;
+        let row = client
+            .query_one(
+                "select c.reltuples::float8, c.relpages::int8, pg_relation_size(c.oid),
+                        c.relkind in ('r', 'm'), current_setting('block_size')::int8
+                 from pg_class c where c.oid = $1::text::regclass",
+                &[&crate::pg::quote_qualified(&main.schema, &main.name)],
+            )
+            .await?;
+        let (tuples, pages, bytes, plain, block): (f64, i64, i64, bool, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        // A partitioned or foreign table has no size or statistics of its own here.
+        if plain {
+            if tuples > 0.0 && pages > 0 {
+                let now = (bytes / block.max(1)) as f64;
+                return Ok(Some((tuples / pages as f64 * now).round() as u64));
+            }
+            if bytes <= COUNT_MAX_BYTES {
+                return Ok(Some(count(client, view, None, None).await?.max(0) as u64));
+            }
+        }
+    }
+    let q = sql::estimate_range(view, lo.is_some(), hi.is_some());
+    let params: Vec<&(dyn ToSql + Sync)> = lo
+        .into_iter()
+        .chain(hi)
+        .flatten()
+        .map(|v| v as &(dyn ToSql + Sync))
+        .collect();
+    let plan: serde_json::Value = client.query_one(&q, &params).await?.get(0);
+    Ok(plan[0]["Plan"]["Plan Rows"]
+        .as_f64()
+        .filter(|n| n.is_finite() && *n >= 0.0)
+        .map(|n| n.round() as u64))
+}
+
 /// Set the view's own settings plus `extra` (range bounds) for this transaction.
 pub async fn set_settings(
     tx: &Transaction<'_>,

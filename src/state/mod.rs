@@ -11,7 +11,8 @@
 //! writes with SQLITE_BUSY at once, without waiting), and `open` retries the switch to WAL and
 //! the creation of the schema itself.
 //!
-//! `positions` holds what a job has reached, `runs` the record of its runs.
+//! `positions` holds what a job has reached, `runs` the record of its runs (and, while a run
+//! loads, its progress: the estimate `rows_total`, and `rows` as of `progress_at`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -60,7 +61,7 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The version of `SCHEMA` recorded in SQLite's `user_version`: opening a file that is at this
 /// version writes nothing (so `status` and the like never queue for the write lock to open).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 create table if not exists positions (
@@ -79,7 +80,9 @@ create table if not exists runs (
     error text,
     unmapped integer not null default 0,
     nulled integer not null default 0,
-    columns text not null default '{}'
+    columns text not null default '{}',
+    rows_total integer,
+    progress_at text
 );
 create index if not exists runs_job on runs (job, id);
 ";
@@ -115,6 +118,15 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         (
             "columns",
             "alter table runs add column columns text not null default '{}'",
+        ),
+        // Version 2: the progress of a run's load.
+        (
+            "rows_total",
+            "alter table runs add column rows_total integer",
+        ),
+        (
+            "progress_at",
+            "alter table runs add column progress_at text",
         ),
     ] {
         if !have.iter().any(|h| h == column) {

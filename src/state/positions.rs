@@ -69,10 +69,7 @@ impl Store {
             );
             let n = tx.execute(&sql, params![job, text, seq])?;
             if let Some((run, rows)) = progress {
-                tx.execute(
-                    "update runs set rows = ?2 where id = ?1",
-                    params![run, rows],
-                )?;
+                super::runs::set_rows(tx, run, rows)?;
             }
             Ok(n > 0)
         })

@@ -3,10 +3,23 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, OptionalExtension, Transaction};
 use serde::Serialize;
 
 use super::{StateError, Store, NOW};
+use crate::progress::Snapshot;
+
+/// Set the row count of run `run`; while it loads, it counted them now.
+pub(super) fn set_rows(tx: &Transaction<'_>, run: i64, rows: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        &format!(
+            "update runs set rows = ?2, progress_at = iif(progress_at is null, null, {NOW})
+             where id = ?1"
+        ),
+        params![run, rows],
+    )
+    .map(|_| ())
+}
 
 /// One run as recorded, for `status`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -78,9 +91,57 @@ impl Store {
 
     /// Update the row count of a run in progress.
     pub async fn progress_run(&self, id: i64, rows: i64) -> Result<(), StateError> {
+        self.write_tx(move |tx| set_rows(tx, id, rows)).await
+    }
+
+    /// Run `id` begins a load of about `rows_total` rows: until `end_load`, `progress` shows
+    /// it, its rate counted from the start of the run.
+    pub async fn begin_load(&self, id: i64, rows_total: Option<u64>) -> Result<(), StateError> {
+        let total = rows_total.map(|t| t.min(i64::MAX as u64) as i64);
         self.write_tx(move |tx| {
-            tx.execute("update runs set rows = ?2 where id = ?1", params![id, rows])
-                .map(|_| ())
+            tx.execute(
+                &format!("update runs set rows_total = ?2, progress_at = {NOW} where id = ?1"),
+                params![id, total],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Run `id`'s load ended; the run may go on (a notify job's events).
+    pub async fn end_load(&self, id: i64) -> Result<(), StateError> {
+        self.write_tx(move |tx| {
+            tx.execute(
+                "update runs set rows_total = null, progress_at = null where id = ?1",
+                [id],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// The progress of the job's load in hand, if its last run is loading.
+    pub async fn progress(&self, job: &str) -> Result<Option<Snapshot>, StateError> {
+        let (err, job) = (self.sqlite(), job.to_string());
+        self.call(move |c| {
+            let row: Option<(i64, Option<i64>, f64)> = c
+                .query_row(
+                    "select rows, rows_total,
+                            (julianday(progress_at) - julianday(started_at)) * 86400.0
+                     from (select * from runs where job = ?1 order by id desc limit 1)
+                     where outcome = 'running' and progress_at is not null",
+                    [&job],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(&err)?;
+            Ok(row.map(|(rows, total, secs)| {
+                Snapshot::at(
+                    rows.max(0) as u64,
+                    total.map(|t| t.max(0) as u64),
+                    std::time::Duration::from_secs_f64(secs.max(0.0)),
+                )
+            }))
         })
         .await
     }

@@ -115,6 +115,45 @@ fn a_file_of_an_earlier_version_is_migrated_once() {
         .query_row("select nulled from runs", [], |r| r.get(0))
         .unwrap();
     assert_eq!(nulled, 0);
+    let total: Option<i64> = c
+        .query_row("select rows_total from runs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(total, None);
+}
+
+#[test]
+fn a_file_of_version_1_gets_the_progress_of_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let old = Connection::open(&path).unwrap();
+    old.execute_batch(
+        "create table positions (job text primary key, position text not null,
+           seq integer not null, updated_at text not null);
+         create table runs (id integer primary key, job text not null, started_at text not null,
+           finished_at text, outcome text not null, rows integer not null default 0, error text,
+           unmapped integer not null default 0, nulled integer not null default 0,
+           columns text not null default '{}');
+         insert into runs (job, started_at, outcome) values ('j', '2024-01-01T00:00:00Z', 'running');
+         pragma user_version = 1;",
+    )
+    .unwrap();
+    drop(old);
+    let s = Store::open(&path).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert_eq!(s.progress("j").await.unwrap(), None);
+        s.begin_load(1, Some(10)).await.unwrap();
+        assert_eq!(s.progress("j").await.unwrap().unwrap().rows_total, Some(10));
+    });
+    let version: i64 = s
+        .conn
+        .lock()
+        .unwrap()
+        .query_row("pragma user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
 }
 
 #[tokio::test]
@@ -145,4 +184,36 @@ async fn runs_left_running_are_marked_interrupted() {
     );
     assert_eq!(last.columns, tallies);
     assert!(last.finished_at.is_some());
+}
+
+#[tokio::test]
+async fn a_run_shows_progress_while_it_loads_and_not_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("state.db")).unwrap();
+    let run = s.start_run("j").await.unwrap();
+    assert_eq!(s.progress("j").await.unwrap(), None);
+    s.begin_load(run, Some(1000)).await.unwrap();
+    let p = s.progress("j").await.unwrap().unwrap();
+    assert_eq!((p.rows_done, p.rows_total), (0, Some(1000)));
+    let pos = Position {
+        watermark: Some(vec!["1".into()]),
+        seq: 1,
+        ..Position::default()
+    };
+    s.advance_run("j", &pos, run, 300).await.unwrap();
+    s.progress_run(run, 400).await.unwrap();
+    let p = s.progress("j").await.unwrap().unwrap();
+    assert_eq!((p.rows_done, p.rows_total), (400, Some(1000)));
+    s.end_load(run).await.unwrap();
+    assert_eq!(s.progress("j").await.unwrap(), None);
+    // Rows counted after the load (a notify job's events) do not bring it back.
+    s.progress_run(run, 450).await.unwrap();
+    assert_eq!(s.progress("j").await.unwrap(), None);
+    s.begin_load(run, None).await.unwrap();
+    assert_eq!(s.progress("j").await.unwrap().unwrap().rows_total, None);
+    s.finish_run(run, 450, None, &BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(s.progress("j").await.unwrap(), None);
+    assert_eq!(s.last_run("j").await.unwrap().unwrap().rows, 450);
 }

@@ -155,6 +155,17 @@ pub fn batch_bound(view: &View, has_lo: bool, has_hi: bool) -> String {
 /// Count main-table rows past a watermark (for `status` and `replay --dry-run`).
 /// Parameters: lower bound values (when `has_lo`), then upper bound values (when `has_hi`).
 pub fn count_range(view: &View, has_lo: bool, has_hi: bool) -> String {
+    main_rows(view, has_lo, has_hi, "select count(*)")
+}
+
+/// The planner's estimate of the same rows as `count_range`, with the same parameters: a JSON
+/// plan whose top node's `Plan Rows` is the estimate.
+pub fn estimate_range(view: &View, has_lo: bool, has_hi: bool) -> String {
+    main_rows(view, has_lo, has_hi, "explain (format json) select 1")
+}
+
+/// `<select> from <main table> where <cursor in (lo, hi]>`.
+fn main_rows(view: &View, has_lo: bool, has_hi: bool, select: &str) -> String {
     let main = &view.job.from;
     let lo = has_lo.then(|| param_row(view, 1));
     let hi = has_hi.then(|| param_row(view, if has_lo { view.cursor.len() + 1 } else { 1 }));
@@ -165,7 +176,7 @@ pub fn count_range(view: &View, has_lo: bool, has_hi: bool) -> String {
         format!(" where {}", preds.join(" and "))
     };
     format!(
-        "select count(*) from {} as {}{pred}",
+        "{select} from {} as {}{pred}",
         quote_qualified(&main.name.schema, &main.name.name),
         quote_ident(&main.alias)
     )
