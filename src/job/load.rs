@@ -42,7 +42,7 @@ fn chunk_rows(batch_size: i64, last: i64, ns_per_row: u64) -> i64 {
 
 /// A load under way.
 pub(super) struct Load {
-    /// The range it reads, `(lo, hi]` (`hi` open for a replay to the end).
+    /// The range it reads, `(lo, hi]` (`hi` open up to the newest row).
     pub(super) lo: Option<Vec<String>>,
     pub(super) hi: Option<Vec<String>>,
     done: mpsc::Receiver<Result<Applied, JobError>>,
@@ -131,8 +131,8 @@ impl Context {
                 let pos = p
                     .try_lock()
                     .expect("nothing holds a load's position before it starts");
-                let end = pos.load.as_ref().map(|l| l.end.clone());
-                (Some(p.clone()), pos.watermark.clone(), end)
+                // Up to the newest row: the load's end when it began.
+                (Some(p.clone()), pos.watermark.clone(), None)
             }
             Reach::Replay { lo, to } => (None, lo.clone(), to.clone()),
         };
