@@ -332,7 +332,9 @@ impl Context {
                 events = summary.events, ms = started.elapsed().as_millis() as u64, "caught up");
             return Ok(());
         }
-        if !pos.windows.is_empty() {
+        // A load under way reads its open chunks with fresh snapshots first; the windows wait
+        // for the next run (they stay in the position until they settle).
+        if !pos.windows.is_empty() && pos.load.is_none() {
             let (applied, dropped) = self.recheck(s, &mut pos).await?;
             let (rows, changed) = (applied.rows, applied.changed);
             summary.rechecked = rows;
