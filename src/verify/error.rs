@@ -12,8 +12,13 @@ pub enum VerifyError {
     NoTarget(String),
     #[error("--repair reads the view's rows by key, which needs a key column taken as it is from the main table (from = \"alias.column\" of [from]); reload with `pgtide replay` instead")]
     NoRepairKey,
-    #[error("{0}")]
-    Unsupported(&'static str),
+    /// A line of one side's `TabSeparated` rows (ClickHouse DWH) without the fields asked for.
+    #[error("a row from {side} has {fields} fields, {expected} were asked for")]
+    Malformed {
+        side: &'static str,
+        fields: usize,
+        expected: usize,
+    },
     #[error("temporary file of differing keys: {0}")]
     Spill(#[source] std::io::Error),
 }

@@ -27,6 +27,10 @@
 //! their drill-down, or the source's batches of a range); `recheck` reads those keys again and
 //! counts what still differs, handing it to `repair` under `--repair`; `report` is what the
 //! command prints; `error` what can fail.
+//!
+//! A ClickHouse DWH shares no hash function with the source, so `clickhouse` compares the rows
+//! in pgtide instead, streaming both sides: the same scope (`plan::Scope`), the same steps
+//! (bucket sums, drill-down, two reads of the keys found, `repair`) and the same report.
 
 mod candidates;
 mod clickhouse;
@@ -42,12 +46,13 @@ use std::time::Instant;
 use tokio_postgres::Client;
 
 use crate::config::JobSpec;
-use crate::job::{Context, JobError};
+use crate::job::{Context, JobError, Warehouse};
 use crate::pg::quote_ident;
 use crate::position::Position;
 use crate::sink;
 use crate::sink::dwh::Dwh;
 
+pub use clickhouse::REREAD_SOURCE;
 pub use error::VerifyError;
 pub use plan::{Options, TEXT_DIGEST};
 pub use report::{Keys, Outcome, Repaired, Report, NAMED_KEYS};
@@ -66,17 +71,15 @@ pub async fn verify(
     opts: Options,
 ) -> Result<Report, VerifyError> {
     let started = Instant::now();
-    let mut dwh = match ctx.connect_dwh(job).await? {
-        crate::job::Warehouse::Postgres(c) => c,
-        crate::job::Warehouse::ClickHouse(ch) => {
-            return clickhouse::verify(ctx, job, opts, *ch).await
-        }
-    };
+    let mut dwh = ctx.connect_dwh(job).await?;
     // A repair must never race a run of the job; a plain comparison takes no lock.
     if opts.repair && !dwh.lock(&job.name).await? {
         return Err(JobError::Locked.into());
     }
-    let result = run(ctx, job, &opts, &mut dwh).await;
+    let result = match &mut dwh {
+        Warehouse::Postgres(c) => run(ctx, job, &opts, c).await,
+        Warehouse::ClickHouse(ch) => clickhouse::run(ctx, job, &opts, ch).await,
+    };
     if opts.repair {
         if let Err(e) = dwh.unlock(&job.name).await {
             tracing::debug!(job = %job.name, error = %e, "unlock failed; the lock ends with the session");
@@ -107,31 +110,42 @@ async fn run(
     let plan = Plan::new(&source, dwh, view, pos.as_ref(), opts).await?;
     let mut repair = opts.repair.then(|| Repair::new(&plan.view));
     let first = compare(&plan, &mut source, dwh, repair.as_mut()).await?;
+    let after = match &repair {
+        Some(_) if !first.clean() => Some(compare(&plan, &mut source, dwh, None).await?),
+        _ => None,
+    };
+    Ok(assemble(job, plan.counts_extra, first, after, repair))
+}
+
+/// The report of a comparison (`first`); with a repair, the comparison after it (`after`,
+/// none when nothing needed repairing).
+fn assemble(
+    job: &JobSpec,
+    extra_counted: bool,
+    first: Outcome,
+    after: Option<Outcome>,
+    repair: Option<Repair>,
+) -> Report {
     let (outcome, repaired) = match repair {
         None => (first, None),
-        Some(r) => {
-            let after = if first.clean() {
-                first.clone()
-            } else {
-                compare(&plan, &mut source, dwh, None).await?
-            };
-            let repaired = Repaired {
+        Some(r) => (
+            after.unwrap_or_else(|| first.clone()),
+            Some(Repaired {
                 found: first,
                 written: r.written,
                 deleted: r.deleted,
-            };
-            (after, Some(repaired))
-        }
+            }),
+        ),
     };
-    Ok(Report {
+    Report {
         job: job.name.clone(),
         mode: job.mode.as_str(),
         target: job.target.to_string(),
-        extra_counted: plan.counts_extra,
+        extra_counted,
         outcome,
         repaired,
         seconds: 0.0,
-    })
+    }
 }
 
 /// The job's position as the DWH holds it (the truth), `None` before its first batch.

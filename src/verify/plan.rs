@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::{Client, Row};
 
-use crate::config::{ColumnKind, Mode, OnDelete};
+use crate::config::{ColumnKind, JobSpec, Mode, OnDelete};
 use crate::job::{InputError, JobError};
 use crate::pg::quote_ident;
 use crate::position::Position;
@@ -88,7 +88,109 @@ pub(super) struct Col {
 }
 
 /// `(from, to]` of the cursor; either side may be open.
-type Range = (Option<Vec<String>>, Option<Vec<String>>);
+pub(super) type Range = (Option<Vec<String>>, Option<Vec<String>>);
+
+/// The view rows a comparison covers, whatever the DWH: what the job has reached, within
+/// `--from/--to`.
+pub(super) struct Scope {
+    /// A condition over the view's tables.
+    pub(super) predicate: String,
+    /// The settings `predicate` reads (the view's own are added by `source::set_settings`).
+    pub(super) settings: Vec<Setting>,
+    pub(super) reach: Reach,
+    /// `--from` / `--to`, checked and canonicalized by the source.
+    pub(super) range: Option<Range>,
+    /// A notify job's event table, when it exists.
+    pub(super) events: Option<String>,
+}
+
+impl Scope {
+    /// The scope of a comparison of `view`: the job's reach from its position `pos` (the
+    /// DWH's copy), minus the rows a poll job's open recheck windows will still re-read,
+    /// within `opts`' range.
+    pub(super) async fn new(
+        source: &Client,
+        view: &View,
+        pos: Option<&Position>,
+        opts: &Options,
+    ) -> Result<Scope, VerifyError> {
+        let job = &view.job;
+        let from = normalize(source, view, opts.from.as_deref(), "--from").await?;
+        let to = normalize(source, view, opts.to.as_deref(), "--to").await?;
+        let range = (from.is_some() || to.is_some()).then_some((from, to));
+        let reach = match (job.mode, pos) {
+            (_, None) => Reach::Nothing,
+            (Mode::Notify, Some(p)) if p.initial_done => Reach::All,
+            (_, Some(p)) => p.watermark.clone().map_or(Reach::Nothing, Reach::UpTo),
+        };
+        let mut parts = Vec::new();
+        let mut settings = Vec::new();
+        if let Some((from, to)) = &range {
+            let b = Rows::Cursor {
+                lo: from.as_deref(),
+                hi: to.as_deref(),
+            }
+            .bind(view, "vr");
+            parts.push(b.predicate);
+            settings.extend(b.settings);
+        }
+        match &reach {
+            Reach::Nothing => parts.push("false".into()),
+            Reach::All => {}
+            Reach::UpTo(w) => {
+                let b = Rows::Cursor {
+                    lo: None,
+                    hi: Some(w),
+                }
+                .bind(view, "vm");
+                parts.push(b.predicate);
+                settings.extend(b.settings);
+            }
+        }
+        // A poll job re-reads the rows of its open windows that late transactions wrote: it
+        // has not reached them yet. (A notify job has events for those.)
+        if let (Mode::Poll, Some(p)) = (job.mode, pos) {
+            if !p.windows.is_empty() {
+                let b = Rows::Windows(&p.windows).bind(view, "vw");
+                parts.push(format!("not ({})", b.predicate));
+                settings.extend(b.settings);
+            }
+        }
+        let predicate = if parts.is_empty() {
+            "true".to_string()
+        } else {
+            parts
+                .iter()
+                .map(|p| format!("({p})"))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        };
+        let events = if job.mode == Mode::Notify {
+            let table = notify::event_table(&job.name);
+            let exists: bool = source
+                .query_one("select to_regclass($1) is not null", &[&table])
+                .await
+                .map_err(src)?
+                .get(0);
+            exists.then_some(table)
+        } else {
+            None
+        };
+        Ok(Scope {
+            predicate,
+            settings,
+            reach,
+            range,
+            events,
+        })
+    }
+}
+
+/// Whether rows extra in the target count: for notify jobs that delete, over the whole view
+/// (a row that is not in the view has no cursor to lie in a range).
+pub(super) fn counts_extra(job: &JobSpec, ranged: bool) -> bool {
+    job.mode == Mode::Notify && job.on_delete != OnDelete::Ignore && !ranged
+}
 
 /// Everything the comparison queries need, fixed at the start.
 pub(super) struct Plan {
@@ -224,72 +326,16 @@ impl Plan {
             && job.on_delete == OnDelete::Soft
             && target_cols.contains_key(sink::DELETED);
         let soft_input = src_version >= 160000;
-        let from = normalize(source, &view, opts.from.as_deref(), "--from").await?;
-        let to = normalize(source, &view, opts.to.as_deref(), "--to").await?;
-        let range = (from.is_some() || to.is_some()).then_some((from, to));
-        let reach = match (job.mode, pos) {
-            (_, None) => Reach::Nothing,
-            (Mode::Notify, Some(p)) if p.initial_done => Reach::All,
-            (_, Some(p)) => p.watermark.clone().map_or(Reach::Nothing, Reach::UpTo),
-        };
-        let mut parts = Vec::new();
-        let mut settings = Vec::new();
-        if let Some((from, to)) = &range {
-            let b = Rows::Cursor {
-                lo: from.as_deref(),
-                hi: to.as_deref(),
-            }
-            .bind(&view, "vr");
-            parts.push(b.predicate);
-            settings.extend(b.settings);
-        }
-        match &reach {
-            Reach::Nothing => parts.push("false".into()),
-            Reach::All => {}
-            Reach::UpTo(w) => {
-                let b = Rows::Cursor {
-                    lo: None,
-                    hi: Some(w),
-                }
-                .bind(&view, "vm");
-                parts.push(b.predicate);
-                settings.extend(b.settings);
-            }
-        }
-        // A poll job re-reads the rows of its open windows that late transactions wrote: it
-        // has not reached them yet. (A notify job has events for those.)
-        if let (Mode::Poll, Some(p)) = (job.mode, pos) {
-            if !p.windows.is_empty() {
-                let b = Rows::Windows(&p.windows).bind(&view, "vw");
-                parts.push(format!("not ({})", b.predicate));
-                settings.extend(b.settings);
-            }
-        }
-        let scope = if parts.is_empty() {
-            "true".to_string()
-        } else {
-            parts
-                .iter()
-                .map(|p| format!("({p})"))
-                .collect::<Vec<_>>()
-                .join(" and ")
-        };
-        let events = if job.mode == Mode::Notify {
-            let table = notify::event_table(&job.name);
-            let exists: bool = source
-                .query_one("select to_regclass($1) is not null", &[&table])
-                .await
-                .map_err(src)?
-                .get(0);
-            exists.then_some(table)
-        } else {
-            None
-        };
+        let Scope {
+            predicate: scope,
+            settings,
+            reach,
+            range,
+            events,
+        } = Scope::new(source, &view, pos, opts).await?;
         Ok(Plan {
             target: crate::pg::quote_qualified(&job.target.schema, &job.target.name),
-            counts_extra: job.mode == Mode::Notify
-                && job.on_delete != OnDelete::Ignore
-                && range.is_none(),
+            counts_extra: counts_extra(&job, range.is_some()),
             view,
             cols,
             key,

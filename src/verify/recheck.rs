@@ -9,7 +9,7 @@ use tokio_postgres::{Client, Transaction};
 
 use crate::pg::quote_ident;
 use crate::source;
-use crate::view::sql;
+use crate::view::{sql, View};
 
 use super::candidates::Spill;
 use super::error::{dwh_err, src, VerifyError};
@@ -19,7 +19,7 @@ use super::report::{Kind, Outcome};
 
 /// How long a running job gets to apply what it is applying before a difference is confirmed
 /// (a drain takes milliseconds).
-const CONFIRM_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+pub(super) const CONFIRM_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Read every key found again on both sides and count those that still differ (the job not
 /// having reached them now is no difference); with `repair`, rewrite them.
@@ -66,7 +66,7 @@ pub(super) async fn recheck(
             }
         }
         if let Some(r) = repair.as_deref_mut() {
-            r.fix(plan, source, dwh, write, gone).await?;
+            r.fix(&plan.view, source, dwh, write, gone).await?;
         }
     }
 }
@@ -140,7 +140,7 @@ impl Recheck {
         }
         if let Some(events) = &plan.events {
             let held: Vec<&Vec<String>> = entries.iter().map(|(i, _)| &keys[*i]).collect();
-            let waiting = waiting(&tx, plan, events, &held).await.map_err(src)?;
+            let waiting = waiting(&tx, &plan.view, events, &held).await.map_err(src)?;
             entries = entries
                 .into_iter()
                 .enumerate()
@@ -262,9 +262,9 @@ fn dwh_compare(plan: &Plan) -> String {
 
 /// Positions in `keys` of the keys a notify job has events waiting for (a waiting TRUNCATE
 /// holds every key): the job has not reached them yet.
-async fn waiting(
+pub(super) async fn waiting(
     tx: &Transaction<'_>,
-    plan: &Plan,
+    view: &View,
     events: &str,
     keys: &[&Vec<String>],
 ) -> Result<HashSet<usize>, tokio_postgres::Error> {
@@ -281,7 +281,6 @@ async fn waiting(
     if truncated {
         return Ok((0..keys.len()).collect());
     }
-    let view = &plan.view;
     let main = &view.captured[0].matches;
     let idx: Vec<i32> = (0..keys.len() as i32).collect();
     let columns: Vec<Vec<String>> = (0..main.len())

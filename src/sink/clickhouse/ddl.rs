@@ -60,7 +60,7 @@ pub async fn ensure_control(http: &mut Http, database: &str) -> Result<(), SinkE
 }
 
 /// The target's columns and types, `None` when it does not exist.
-async fn describe(
+pub async fn describe(
     http: &mut Http,
     view: &View,
 ) -> Result<Option<Vec<(String, String)>>, SinkError> {

@@ -24,7 +24,7 @@ use crate::config::OnDelete;
 use crate::position::Position;
 use crate::view::View;
 
-pub use ddl::quote;
+pub use ddl::{describe, quote, target};
 use rows::Tagger;
 
 pub const VERSION: &str = "_pgtide_version";

@@ -98,6 +98,13 @@ pub fn escape(s: &str, out: &mut Vec<u8>) {
 /// A `TabSeparated` field read back as text.
 pub fn unescape(field: &[u8]) -> String {
     let mut out = Vec::with_capacity(field.len());
+    unescape_into(field, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A `TabSeparated` field's bytes, unescaped, appended to `out`. ClickHouse also escapes the
+/// quote (`\'`) that the source's text COPY leaves as it is: both read back the same.
+pub fn unescape_into(field: &[u8], out: &mut Vec<u8>) {
     let mut it = field.iter();
     while let Some(&b) = it.next() {
         if b != b'\\' {
@@ -116,7 +123,6 @@ pub fn unescape(field: &[u8]) -> String {
             None => out.push(b'\\'),
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
