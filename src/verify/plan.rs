@@ -95,6 +95,10 @@ pub(super) type Range = (Option<Vec<String>>, Option<Vec<String>>);
 pub(super) struct Scope {
     /// A condition over the view's tables.
     pub(super) predicate: String,
+    /// `predicate` without the open windows' condition, which costs a test of each row's
+    /// transaction: the cheaper superset a read of the whole view takes. The rows it takes that
+    /// the job has not reached are sorted out when the keys found are read again.
+    pub(super) superset: String,
     /// The settings `predicate` reads (the view's own are added by `source::set_settings`).
     pub(super) settings: Vec<Setting>,
     pub(super) reach: Reach,
@@ -147,6 +151,18 @@ impl Scope {
                 settings.extend(b.settings);
             }
         }
+        let all_of = |parts: &[String]| {
+            if parts.is_empty() {
+                "true".to_string()
+            } else {
+                parts
+                    .iter()
+                    .map(|p| format!("({p})"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            }
+        };
+        let superset = all_of(&parts);
         // A poll job re-reads the rows of its open windows that late transactions wrote: it
         // has not reached them yet. (A notify job has events for those.)
         if let (Mode::Poll, Some(p)) = (job.mode, pos) {
@@ -156,15 +172,7 @@ impl Scope {
                 settings.extend(b.settings);
             }
         }
-        let predicate = if parts.is_empty() {
-            "true".to_string()
-        } else {
-            parts
-                .iter()
-                .map(|p| format!("({p})"))
-                .collect::<Vec<_>>()
-                .join(" and ")
-        };
+        let predicate = all_of(&parts);
         let events = if job.mode == Mode::Notify {
             let table = notify::event_table(&job.name);
             let exists: bool = source
@@ -178,6 +186,7 @@ impl Scope {
         };
         Ok(Scope {
             predicate,
+            superset,
             settings,
             reach,
             range,
@@ -332,6 +341,7 @@ impl Plan {
             reach,
             range,
             events,
+            ..
         } = Scope::new(source, &view, pos, opts).await?;
         Ok(Plan {
             target: crate::pg::quote_qualified(&job.target.schema, &job.target.name),

@@ -156,7 +156,8 @@ pub(super) async fn candidates(
     let bucket = |key_hash: u64| (key_hash % n as u64) as usize;
     let (tx, _) = source::begin(source).await.map_err(src)?;
     settings(&tx, &layout.view, layout.scope.settings.clone()).await?;
-    let src_q = layout.source_copy(&[], &layout.scope.predicate);
+    // The cheaper superset of the scope: the recheck sorts out the rows of open windows.
+    let src_q = layout.source_copy(&[], &layout.scope.superset);
     let tgt_q = layout.target_query();
     // With a range the target cannot be cut to it (its rows have no cursor): only the source's
     // rows count, looked up in the whole target.
