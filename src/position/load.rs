@@ -162,8 +162,12 @@ impl Position {
         }
     }
 
-    /// Keep `window` (the next range in cursor order), merging the oldest beyond the limit.
+    /// Keep `window` (the next range in cursor order) unless it was settled when read, merging
+    /// the oldest beyond the limit.
     fn push_window(&mut self, window: Window) {
+        if window.settled {
+            return;
+        }
         self.windows.push(window);
         while self.windows.len() > MAX_WINDOWS {
             let second = self.windows.remove(1);
@@ -201,7 +205,9 @@ impl Position {
 }
 
 impl Window {
-    /// The window a read of `(lo, hi]` in `snap` leaves.
+    /// The window a read of `(lo, hi]` in `snap` leaves: settled at once when the horizon read
+    /// just after the snapshot shows that nothing can still add rows to the range (see the
+    /// module documentation of `position`).
     pub fn read(
         lo: Option<Vec<String>>,
         hi: Vec<String>,
@@ -216,8 +222,13 @@ impl Window {
             next: snap.next.max(snap.xmax),
             read_at_us: snap.at_us,
             mark: None,
+            settled: false,
         };
         window.tidy();
+        if let Some(after) = &snap.after {
+            let elsewhere: Vec<u64> = after.elsewhere.iter().map(|x| snap.widen(*x)).collect();
+            window.settled = window.settled_in(snap, after, snap.oldest_running(&elsewhere));
+        }
         window
     }
 }

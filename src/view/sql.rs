@@ -412,6 +412,7 @@ mod tests {
             next: floor,
             read_at_us: 0,
             mark: None,
+            settled: false,
         };
         let windows = [
             window(None, 700, vec![]),
