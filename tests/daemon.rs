@@ -201,7 +201,7 @@ async fn an_overlapping_tick_is_skipped_and_sigterm_mid_load_exits_0() {
     let landed = count(&env, "big").await;
     assert!(landed < 300000, "the stop came too late to test anything");
     let out = env.pgtide(&["run-once"]).await.ok();
-    let read = out.rows_read() as i64;
+    let read = out.rows_new() as i64;
     assert_eq!(
         read,
         300000 - landed,

@@ -96,7 +96,7 @@ async fn a_parallel_first_load_and_replay_are_exact() {
         )
         .await
         .unwrap();
-    assert_eq!(env.pgtide(&["run-once"]).await.ok().rows_read(), 2);
+    assert_eq!(env.pgtide(&["run-once"]).await.ok().rows_new(), 2);
     assert_converged(&env).await;
     // A replay of everything, in parallel, rewrites what was damaged.
     env.dwh
@@ -144,7 +144,7 @@ async fn a_killed_parallel_load_resumes_without_reading_finished_chunks_again() 
         "the kill came before the end ({loaded} rows)"
     );
     let out = env.pgtide(&["run-once"]).await.ok();
-    let read = out.rows_read();
+    let read = out.rows_new();
     // What was committed is not read again; chunks being written when the kill came are
     // (at most one per worker, of at most a second's worth of rows at a third of the capped
     // rate: under 7,000).
@@ -239,11 +239,12 @@ async fn a_stop_signal_during_a_parallel_load_finishes_the_chunks_in_hand() {
     let loaded = Env::count(&env.dwh, "dw.orders").await;
     assert!(loaded < 40_000, "stopped before the end");
     // Whatever was committed is recorded: the next run reads only the rest.
-    let read = env.pgtide(&["run-once"]).await.ok().rows_read();
+    let out = env.pgtide(&["run-once"]).await.ok();
     assert_eq!(
-        read as i64,
+        out.rows_new() as i64,
         40_000 - loaded,
-        "nothing committed is read again"
+        "nothing committed is read again: {}",
+        out.stdout()
     );
     assert_converged(&env).await;
 }

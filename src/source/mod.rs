@@ -72,8 +72,8 @@ const UNSEEN_SCAN_MAX: u64 = 200_000;
 /// Which transaction ids at or above `from` a snapshot taken by `tx` could not see (see
 /// [`Unseen`]). On a primary the source is asked which ids below the snapshot's `xmax` are
 /// still in progress (`pg_xact_status` knows a subtransaction by its parent), and then which
-/// of the snapshot's own transactions have ended since: those may have had subtransactions
-/// that now look committed, so the floor drops to the first of them.
+/// of the snapshot's own transactions of this database have ended since: those may have had
+/// subtransactions that now look committed, so the floor drops to the first of them.
 pub async fn unseen(
     tx: &Transaction<'_>,
     snap: &Snapshot,
@@ -106,10 +106,17 @@ pub async fn unseen(
         )
         .await?
         .get(0);
+    // Transactions the horizon just after the snapshot showed running in other databases
+    // wrote nothing here, subtransactions included: their ending does not lower the floor.
+    let elsewhere: Vec<u64> = snap
+        .after
+        .iter()
+        .flat_map(|h| h.elsewhere.iter().map(|x| snap.widen(*x)))
+        .collect();
     let listed: Vec<String> = snap
         .xip
         .iter()
-        .filter(|x| **x >= start)
+        .filter(|x| **x >= start && !elsewhere.contains(x))
         .map(|x| x.to_string())
         .collect();
     let ended: Vec<String> = if listed.is_empty() {
