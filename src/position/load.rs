@@ -162,13 +162,18 @@ impl Position {
         }
     }
 
-    /// Keep `window` (the next range in cursor order) unless it was settled when read, merging
-    /// the oldest beyond the limit.
+    /// Keep `window` (the next range in cursor order) unless it was settled when read: merged
+    /// into the last window when it continues it (chunks finished in order arrive one by one;
+    /// like consecutive batches of one run, neighbours share a window, so a recheck has fewer
+    /// ranges to test), and the oldest merged beyond the limit.
     fn push_window(&mut self, window: Window) {
         if window.settled {
             return;
         }
-        self.windows.push(window);
+        match self.windows.last_mut() {
+            Some(last) if window.lo.as_ref() == Some(&last.hi) => last.absorb(window),
+            _ => self.windows.push(window),
+        }
         while self.windows.len() > MAX_WINDOWS {
             let second = self.windows.remove(1);
             self.windows[0].absorb(second);

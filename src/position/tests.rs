@@ -672,3 +672,28 @@ fn a_load_keeps_windows_only_for_chunks_read_while_something_could_write() {
     assert_eq!(p.watermark, Some(v("200")));
     assert!(p.windows.is_empty(), "{:?}", p.windows);
 }
+
+#[test]
+fn chunks_finished_in_order_share_one_window() {
+    let mut p = Position::default();
+    p.begin_load(v("300"));
+    let c1 = p.open_chunk(None, v("100"));
+    let c2 = p.open_chunk(Some(v("100")), v("200"));
+    let c3 = p.open_chunk(Some(v("200")), v("300"));
+    p.advance_frontier(v("300"));
+    for (c, s) in [
+        (&c1, read(10, 12, &[11], 12, 1, known(Oldest::NoneOpen))),
+        (&c2, read(11, 14, &[11, 13], 14, 2, known(Oldest::NoneOpen))),
+        (&c3, read(11, 15, &[11], 15, 3, known(Oldest::NoneOpen))),
+    ] {
+        p.chunk_done(c, &s, &unseen_of(&s));
+    }
+    assert!(p.finish_planning() || p.load.is_none());
+    assert_eq!(p.watermark, Some(v("300")));
+    assert_eq!(p.windows.len(), 1, "{:?}", p.windows);
+    let w = &p.windows[0];
+    assert_eq!((w.lo.clone(), w.hi.clone()), (None, v("300")));
+    // The widest view: the lowest floor, every id, the latest next and read time.
+    assert_eq!((w.floor, w.xids.clone(), w.next), (12, vec![11], 15));
+    assert_eq!(w.read_at_us, 3 * S);
+}

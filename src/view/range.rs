@@ -69,10 +69,18 @@ impl Range<'_> {
                             cursor_values(view, &window.hi, |i, s| set(format!("w{w}hi{i}"), s));
                         let floor = set(format!("w{w}floor"), window.floor_xid());
                         let xids = set(format!("w{w}xids"), window.xids_literal());
-                        let mut preds = cursor_between(view, lo.as_deref(), Some(&hi));
-                        preds.push(format!(
-                            "(age({xmin}) <= age({floor}::xid) or {xmin} = any({xids}::xid[]))"
-                        ));
+                        // The xmin test first, its values read once (scalar subqueries): it
+                        // rejects nearly every row, so a scan over many windows rarely gets
+                        // to the cursor bounds, whose `current_setting` is evaluated anew for
+                        // every row it looks at. The bounds stay as they are, where the
+                        // planner sees their values: its estimates choose the cursor's index
+                        // for a narrow window of a large table. (`any((select ...))` would be
+                        // a subquery's rows; the cast makes it the array.)
+                        let mut preds = vec![format!(
+                            "(age({xmin}) <= age((select {floor}::xid)) \
+                             or {xmin} = any((select {xids}::xid[])::xid[]))"
+                        )];
+                        preds.extend(cursor_between(view, lo.as_deref(), Some(&hi)));
                         format!("({})", all_of(preds))
                     })
                     .collect();

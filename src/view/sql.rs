@@ -425,11 +425,15 @@ mod tests {
         let bound = Range::Windows(&windows).bind(&v, "");
         let sql = copy_out(&v, &bound.predicate);
         assert!(
-            sql.contains("age(\"o\".\"xmin\") <= age(current_setting('pgtide.w0floor')::xid)"),
+            sql.contains(
+                "(age(\"o\".\"xmin\") <= age((select current_setting('pgtide.w0floor')::xid))"
+            ),
             "{sql}"
         );
         assert!(
-            sql.contains("\"o\".\"xmin\" = any(current_setting('pgtide.w1xids')::xid[])"),
+            sql.contains(
+                "\"o\".\"xmin\" = any((select current_setting('pgtide.w1xids')::xid[])::xid[]))"
+            ),
             "{sql}"
         );
         assert!(sql.contains(") or ("), "{sql}");
