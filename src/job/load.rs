@@ -31,7 +31,7 @@ pub const MAX_CHUNK_ROWS: i64 = 1_000_000;
 
 /// The rows of the next chunk: about `CHUNK_TIME`'s worth at `ns_per_row` (0: not known
 /// yet), at least `batch_size`, at most twice the last chunk and `MAX_CHUNK_ROWS`.
-fn chunk_rows(batch_size: i64, last: i64, ns_per_row: u64) -> i64 {
+pub(super) fn chunk_rows(batch_size: i64, last: i64, ns_per_row: u64) -> i64 {
     if ns_per_row == 0 {
         return last;
     }

@@ -363,6 +363,7 @@ impl Context {
         s: &mut Session<D>,
         pos: &mut Position,
         merge: bool,
+        rows: i64,
     ) -> Result<Option<Applied>, JobError> {
         let (tx, snap) = source::begin(&mut s.source)
             .await
@@ -371,7 +372,7 @@ impl Context {
             .await
             .map_err(JobError::Source)?;
         let lo = pos.watermark.clone();
-        let hi = source::batch_bound(&tx, &s.view, lo.as_deref(), None, s.view.job.batch_size)
+        let hi = source::batch_bound(&tx, &s.view, lo.as_deref(), None, rows)
             .await
             .map_err(JobError::Source)?;
         let Some(hi) = hi else { return Ok(None) };
@@ -419,6 +420,9 @@ impl Context {
         last_progress: &mut Instant,
     ) -> Result<bool, JobError> {
         let job = s.view.job.clone();
+        // Batches past the watermark grow as a load's chunks do: few commits for a catch-up
+        // of many rows, `batch_size` for a run that finds few.
+        let mut rows = job.batch_size;
         loop {
             if self.stopping() {
                 match feed {
@@ -437,7 +441,12 @@ impl Context {
             let step = match feed {
                 Feed::Watermark(pos) => {
                     let merge = summary.batches > 0;
-                    self.batch(s, pos, merge).await?.map(|a| (a, 0))
+                    let step = self.batch(s, pos, merge, rows).await?;
+                    if let Some(a) = &step {
+                        let ns = (t.elapsed().as_nanos() as u64).checked_div(a.rows);
+                        rows = load::chunk_rows(job.batch_size, rows, ns.unwrap_or(0));
+                    }
+                    step.map(|a| (a, 0))
                 }
                 Feed::Events => self.drain(s).await?.map(|(n, a)| (a, n as u64)),
                 Feed::Load(load) => load.next().await?.map(|a| (a, 0)),
