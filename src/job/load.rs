@@ -241,7 +241,12 @@ impl Context {
         let job = view.job.clone();
         let mut source = self.connect_source(&job).await?;
         let mut dwh = self.connect_worker_dwh(&job).await?;
-        let mut direct = dwh.prepare_target(view).await?.copy_direct;
+        // Loads read ranges the target mostly holds already, or none of (a first load): no
+        // split by key.
+        let mut paths = Paths {
+            direct: dwh.prepare_target(view).await?.copy_direct,
+            split: false,
+        };
         loop {
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
@@ -269,14 +274,7 @@ impl Context {
                 unseen: &unseen,
             });
             let result = apply(
-                &tx,
-                &mut dwh,
-                view,
-                &bound,
-                advance,
-                &mut direct,
-                None,
-                limiter,
+                &tx, &mut dwh, view, &bound, advance, &mut paths, None, limiter,
             )
             .await;
             drop(tx);

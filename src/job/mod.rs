@@ -44,8 +44,8 @@ pub use follow::Follower;
 pub(crate) use summary::Applied;
 pub use summary::RunSummary;
 use throttle::Limiter;
-use write::apply;
 pub(crate) use write::apply_keys;
+use write::{apply, Paths};
 
 /// How many distinct unmapped values a run names in its log and record.
 const NAMED_VALUES: usize = 5;
@@ -132,9 +132,10 @@ struct Session<D = Warehouse> {
     source: Client,
     dwh: D,
     view: View,
-    /// Copy batches straight into the target (it was empty with exactly the view's types)
-    /// until a key turns out to exist already; then stage and upsert.
-    copy_direct: bool,
+    /// How batches are written: straight into the target while it holds none of the job's
+    /// keys (it was empty, with exactly the view's types), else the rows of new keys straight
+    /// in and the others staged and upserted (where the target allows it), else all staged.
+    paths: Paths,
     /// The job's `max_rows_per_sec`, shared by everything that reads for this run.
     limiter: Option<Arc<Limiter>>,
 }
@@ -247,7 +248,10 @@ impl Context {
             source,
             dwh,
             view,
-            copy_direct: target.copy_direct,
+            paths: Paths {
+                direct: target.copy_direct,
+                split: target.split,
+            },
             limiter: job.max_rows_per_sec.map(|r| Arc::new(Limiter::new(r))),
         })
     }
@@ -392,7 +396,7 @@ impl Context {
             &s.view,
             &bound,
             Some(Advance::To(&next)),
-            &mut s.copy_direct,
+            &mut s.paths,
             None,
             s.limiter.as_deref(),
         )
@@ -549,7 +553,6 @@ impl Context {
             .map_err(JobError::Source)?;
         let mut next = pos.clone();
         let settled = next.settle(&snap, &horizon, &unseen);
-        let mut direct = false;
         let position = settled.changed.then_some(Advance::To(&next));
         let result = apply(
             &tx,
@@ -557,7 +560,7 @@ impl Context {
             &s.view,
             &bound,
             position,
-            &mut direct,
+            &mut Paths::staged(),
             None,
             s.limiter.as_deref(),
         )

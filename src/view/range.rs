@@ -37,6 +37,48 @@ pub struct Bound {
     pub settings: Vec<Setting>,
 }
 
+impl Bound {
+    /// These rows cut by the view's key at `ceiling` (the target's greatest key, one text
+    /// value per key column): those whose key lies above it, and all the others (a NULL key
+    /// among them). Read in one snapshot, with a key the source computes the same way each
+    /// time (`View::key_is_plain`), each row is in exactly one of the two. The values are read
+    /// once per statement (scalar subqueries): the test runs on every row.
+    pub fn split_at_key(&self, view: &View, ceiling: &[String], prefix: &str) -> (Bound, Bound) {
+        let mut settings = self.settings.clone();
+        let (keys, values): (Vec<String>, Vec<String>) = view
+            .key_positions()
+            .into_iter()
+            .zip(ceiling)
+            .enumerate()
+            .map(|(i, (at, value))| {
+                let c = &view.columns[at];
+                let name = format!("{prefix}key{i}");
+                let read = format!(
+                    "(select current_setting('{SETTING_PREFIX}{name}')::{})",
+                    c.target_type
+                );
+                settings.push(Setting {
+                    name,
+                    value: value.clone(),
+                });
+                (c.expr.clone(), read)
+            })
+            .unzip();
+        let above = format!("({}) > ({})", keys.join(", "), values.join(", "));
+        let part = |predicate: String| Bound {
+            predicate,
+            settings: settings.clone(),
+        };
+        (
+            part(format!("({}) and {above}", self.predicate)),
+            part(format!(
+                "({}) and not coalesce({above}, false)",
+                self.predicate
+            )),
+        )
+    }
+}
+
 impl Range<'_> {
     /// The predicate and settings of this range, its settings named under `prefix`.
     pub fn bind(&self, view: &View, prefix: &str) -> Bound {
