@@ -268,3 +268,135 @@ name = "updated_at"
 from = "o.updated_at"
 TOML
 }
+
+# The daily path (scripts/bench-daily.sh, scripts/bench.sh): after bench_orders and bench_config
+# in $1, job `daily` (every orders column, (updated_at, id) watermark, default settings) loads
+# orders_daily with run-once of pgtide $2; orders_script and orders_merge are copies of it for
+# the hand-written script (with insert ... on conflict, and with merge), whose watermark lives
+# in the DWH table daily_marks. $1/byhand.sh TABLE insert|merge is that script.
+DAILY_COLS="id, customer_id, status, quantity, amount, payload, created_at, updated_at"
+daily_setup() {
+  local c columns=""
+  for c in id customer_id status quantity amount payload created_at updated_at; do
+    columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
+  done
+  printf 'interval_secs = 60\ntarget = "orders_daily"\nkey = ["id"]\nwatermark = ["updated_at", "id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' \
+    "$columns" > "$1/cfg/jobs/daily.toml"
+  "$2" --config "$1/cfg/pgtide.toml" run-once daily >/dev/null 2>>"$1/pgtide.log"
+  local last
+  last=$(psql -d src -Atc "select quote_literal(updated_at) || ', ' || id from orders order by updated_at desc, id desc limit 1")
+  psql -d dwh <<SQL
+create table orders_script (like orders_daily including all);
+insert into orders_script select * from orders_daily;
+create table orders_merge (like orders_daily including all);
+insert into orders_merge select * from orders_daily;
+create table daily_marks (name text primary key, updated_at timestamptz not null, id bigint not null);
+insert into daily_marks values ('orders_script', $last), ('orders_merge', $last);
+vacuum analyze;
+SQL
+  local sets="" values=""
+  for c in customer_id status quantity amount payload created_at updated_at; do
+    sets+="$c = s.$c, "
+  done
+  for c in id customer_id status quantity amount payload created_at updated_at; do
+    values+="s.$c, "
+  done
+  cat > "$1/byhand.sh" <<SH
+#!/usr/bin/env bash
+# The hand-written daily load: rows past the DWH's watermark, staged and upserted (or merged)
+# in one DWH transaction that also moves the watermark.
+set -euo pipefail
+psql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $PORT -U postgres "\$@"; }
+table=\$1
+last=\$(psql -d dwh -Atc "select quote_literal(updated_at) || ', ' || id from daily_marks where name = '\$table'")
+if [ "\$2" = merge ]; then
+  apply="merge into \$table t using stage s on t.id = s.id
+         when matched then update set ${sets}_pgtide_loaded_at = now()
+         when not matched then insert ($DAILY_COLS) values (${values%, })"
+else
+  apply="insert into \$table as t ($DAILY_COLS) select $DAILY_COLS from stage s
+         on conflict (id) do update set ${sets//s./excluded.}_pgtide_loaded_at = now()"
+fi
+psql -d src -c "copy (select $DAILY_COLS from orders where (updated_at, id) > (\$last)) to stdout (format binary)" \\
+  | psql -d dwh -1 \\
+      -c "create temp table stage (like \$table including defaults) on commit drop" \\
+      -c "copy stage ($DAILY_COLS) from stdin (format binary)" \\
+      -c "\$apply" \\
+      -c "update daily_marks m set updated_at = l.updated_at, id = l.id
+          from (select updated_at, id from stage order by updated_at desc, id desc limit 1) l
+          where m.name = '\$table'"
+SH
+  chmod +x "$1/byhand.sh"
+}
+
+# Round $1 of the daily changes on the source: NEW (100,000) rows inserted, UPDATED (10,000)
+# existing rows updated, all with timestamps past every earlier round's; the updates' are
+# spread among the inserts', so most batches hold both.
+daily_changes() {
+  local new=${NEW:-100000} updated=${UPDATED:-10000}
+  local base=$((ROWS + ($1 - 1) * new)) every=$((ROWS / updated))
+  psql -d src <<SQL
+insert into orders
+select g, 1 + g % 50000, 1 + g % 4, 1 + g % 7, round((g % 100000) / 7.0, 2),
+       jsonb_build_object('meta', jsonb_build_object('channel', (array['web','app','phone'])[1 + g % 3], 'campaign', 'c' || g % 100),
+                          'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || g % 1000, 'qty', 1 + g % 5))),
+       now(), timestamptz '2030-01-01' + make_interval(days => $1, secs => (g - $base) / 1000.0)
+from generate_series($base + 1, $base + $new) g;
+update orders set status = 1 + status % 4, amount = amount + 1,
+       updated_at = timestamptz '2030-01-01' + make_interval(days => $1, secs => (id * 7919 % $new) / 1000.0 + 0.0005)
+where id <= $ROWS and id % $every = $1 % $every;
+vacuum analyze orders;
+SQL
+  psql -d src -c checkpoint >/dev/null
+  psql -d dwh -c checkpoint >/dev/null
+}
+
+# Round $3: pgtide $2 run-once, the script with insert ... on conflict and with merge, in an
+# order that rotates with the round; "round name seconds peak_kib" lines go to $1/daily.tsv.
+daily_round() {
+  local i name t0 t1 order=(pgtide script merge)
+  for i in 0 1 2; do
+    name=${order[$(( (i + $3) % 3 ))]}
+    t0=$(date +%s.%N)
+    case $name in
+      pgtide) /usr/bin/time -f %M -o "$1/rss" "$2" --config "$1/cfg/pgtide.toml" run-once daily >/dev/null 2>>"$1/pgtide.log" ;;
+      script) /usr/bin/time -f %M -o "$1/rss" "$1/byhand.sh" orders_script insert ;;
+      merge) /usr/bin/time -f %M -o "$1/rss" "$1/byhand.sh" orders_merge merge ;;
+    esac
+    t1=$(date +%s.%N)
+    echo "$3 $name $(python3 -c "print($t1 - $t0)") $(tail -n 1 "$1/rss")" >> "$1/daily.tsv"
+    psql -d dwh -c checkpoint >/dev/null
+  done
+}
+
+# Every daily target holds exactly the source's rows.
+daily_check() {
+  local q="select count(*) || ' ' || md5(string_agg(row($DAILY_COLS)::text, ',' order by id))"
+  local want got t
+  want=$(psql -d src -Atc "$q from orders")
+  for t in orders_daily orders_script orders_merge; do
+    got=$(psql -d dwh -Atc "$q from $t")
+    [ "$got" = "$want" ] || { echo "$t differs from the source: $got, expected $want" >&2; exit 1; }
+  done
+}
+
+# The daily rounds of $1/daily.tsv: seconds and peak RSS per round, then the range of each.
+daily_report() {
+  python3 - "$1/daily.tsv" "$ROWS" "${NEW:-100000}" "${UPDATED:-10000}" <<'PY'
+import sys
+runs = [l.split() for l in open(sys.argv[1])]
+rows, new, updated = sys.argv[2:5]
+print(f"\ndaily path: {rows} rows loaded, then per round {new} new and {updated} updated rows")
+names = ["pgtide", "script", "merge"]
+label = {"pgtide": "pgtide run-once", "script": "script, insert ... on conflict", "merge": "script, merge"}
+rounds = sorted({int(r[0]) for r in runs})
+print(f"{'':32} " + " ".join(f"{'round ' + str(r):>9}" for r in rounds) + f" {'peak RSS':>10}")
+for n in names:
+    secs = {int(r[0]): float(r[2]) for r in runs if r[1] == n}
+    rss = max(int(r[3]) for r in runs if r[1] == n)
+    print(f"{label[n]:32} " + " ".join(f"{secs[r]:8.2f}s" for r in rounds) + f" {rss / 1024:7.1f} MiB")
+for r in rounds:
+    s = {x[1]: float(x[2]) for x in runs if int(x[0]) == r}
+    print(f"round {r}: pgtide / script {s['pgtide'] / s['script']:.2f}, pgtide / merge {s['pgtide'] / s['merge']:.2f}")
+PY
+}

@@ -107,7 +107,7 @@ async fn poll_job_first_and_incremental_loads() {
     .await;
     assert!(pos.contains("2600"), "{pos}");
     // A run with nothing new writes nothing.
-    assert_eq!(env.pgtide(&["run-once"]).await.ok().rows_read(), 0);
+    assert_eq!(env.pgtide(&["run-once"]).await.ok().rows_new(), 0);
 }
 
 #[tokio::test]

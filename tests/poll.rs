@@ -510,7 +510,7 @@ async fn sigkill_in_the_middle_of_a_load_then_a_converging_run() {
     let out = env.pgtide(&["run-once"]).await.ok();
     assert_converged(&env).await;
     // The second run continued from the committed position instead of starting over.
-    let read = out.rows_read() as u64;
+    let read = out.rows_new();
     assert!(
         read <= 200_000 - landed as u64 + 2000,
         "second run read {read} rows, {landed} had landed"
@@ -803,6 +803,60 @@ async fn a_first_load_that_meets_a_key_again_falls_back_to_upserts() {
         .await,
         vec!["(1,3,c)", "(2,5,e)", "(3,4,d)", "(4,6,f)"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn incremental_batches_copy_new_keys_straight_in_and_upsert_the_others() {
+    let env = orders_env().await;
+    env.src
+        .batch_execute(
+            "insert into orders (customer_id, amount)
+             select 1 + g % 10, g from generate_series(1, 30) g",
+        )
+        .await
+        .unwrap();
+    env.pgtide(&["run-once"]).await.ok();
+    assert_converged(&env).await;
+    // New rows (above the target's greatest key, and one below it that the target lacks)
+    // among updates, in batches that hold both.
+    env.dwh
+        .batch_execute("delete from dw.orders where order_id = 7")
+        .await
+        .unwrap();
+    env.src
+        .batch_execute(
+            "insert into orders (customer_id, amount) select 1, g from generate_series(100, 114) g;
+             update orders set note = 'updated', updated_at = now() where id % 6 = 0 or id = 7;",
+        )
+        .await
+        .unwrap();
+    let out = env.pgtide(&["run-once"]).await.ok();
+    assert_eq!(out.rows_new(), 15 + 5 + 1, "{}", out.stdout());
+    assert_converged(&env).await;
+    assert!(
+        !out.stderr().contains("staging and upserting every row"),
+        "the split held: {}",
+        out.stderr()
+    );
+    // The target's greatest key now is one the source will not write again: rows below it
+    // are upserted, whether the target has them or not.
+    env.dwh
+        .batch_execute("insert into dw.orders (order_id, amount) values (1000, 0)")
+        .await
+        .unwrap();
+    env.src
+        .batch_execute(
+            "delete from orders where id = 9; insert into orders (id, customer_id, amount) values (9, 3, 9.99);
+             update orders set note = 'again', updated_at = now() where id = 3;",
+        )
+        .await
+        .unwrap();
+    env.pgtide(&["run-once"]).await.ok();
+    env.dwh
+        .batch_execute("delete from dw.orders where order_id = 1000")
+        .await
+        .unwrap();
+    assert_converged(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -279,6 +279,10 @@ async fn rows_an_open_window_will_reread_are_not_counted_until_it_closes() {
     let env = Env::new().await;
     env.src.batch_execute(ORDERS).await.unwrap();
     env.job("orders", &orders_job("", ""));
+    // A session whose transaction started before the run's read keeps the window open (with
+    // none, the read would settle it at once).
+    let holder = support::connect(&env.src_url).await;
+    holder.batch_execute("begin; select now()").await.unwrap();
     env.pgtide(&["run-once", "orders"]).await.ok();
     // Below the `id` watermark, inside the window the run left open: its recheck re-reads it.
     env.src
@@ -295,6 +299,7 @@ async fn rows_an_open_window_will_reread_are_not_counted_until_it_closes() {
     };
     assert!(windows(&env).await > 0, "the run leaves its window open");
     clean(&env, "orders", &[]).await;
+    holder.batch_execute("commit").await.unwrap();
     env.pgtide(&["run-once", "orders"]).await.ok();
     assert_eq!(windows(&env).await, 0, "the recheck closed the window");
     assert_eq!(

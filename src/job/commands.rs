@@ -108,14 +108,13 @@ impl Context {
             .map_err(JobError::Source)?;
         let windows = [window];
         let bound = Range::Windows(&windows).bind(&s.view, "");
-        let mut direct = false;
         let result = apply(
             &tx,
             &mut s.dwh,
             &s.view,
             &bound,
             None,
-            &mut direct,
+            &mut write::Paths::staged(),
             None,
             s.limiter.as_deref(),
         )

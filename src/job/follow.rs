@@ -124,7 +124,7 @@ impl Context {
         if changes.events == 0 {
             return Ok(None);
         }
-        let mut no_direct = false;
+        let mut staged = Paths::staged();
         let result = if changes.truncated {
             apply(
                 &tx,
@@ -132,7 +132,7 @@ impl Context {
                 &s.view,
                 &Range::All.bind(&s.view, ""),
                 None,
-                &mut no_direct,
+                &mut staged,
                 Some(sink::Missing::All),
                 s.limiter.as_deref(),
             )
@@ -150,7 +150,7 @@ impl Context {
                 &s.view,
                 &bound,
                 None,
-                &mut no_direct,
+                &mut staged,
                 Some(sink::Missing::Keys(&keys)),
                 s.limiter.as_deref(),
             )

@@ -31,7 +31,7 @@ pub const MAX_CHUNK_ROWS: i64 = 1_000_000;
 
 /// The rows of the next chunk: about `CHUNK_TIME`'s worth at `ns_per_row` (0: not known
 /// yet), at least `batch_size`, at most twice the last chunk and `MAX_CHUNK_ROWS`.
-fn chunk_rows(batch_size: i64, last: i64, ns_per_row: u64) -> i64 {
+pub(super) fn chunk_rows(batch_size: i64, last: i64, ns_per_row: u64) -> i64 {
     if ns_per_row == 0 {
         return last;
     }
@@ -265,7 +265,12 @@ impl Context {
         let job = view.job.clone();
         let mut source = self.connect_source(&job).await?;
         let mut dwh = self.connect_worker_dwh(&job).await?;
-        let mut direct = dwh.prepare_target(view).await?.copy_direct;
+        // Loads read ranges the target mostly holds already, or none of (a first load): no
+        // split by key.
+        let mut paths = Paths {
+            direct: dwh.prepare_target(view).await?.copy_direct,
+            split: false,
+        };
         loop {
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
@@ -274,7 +279,13 @@ impl Context {
                 return Ok(());
             };
             let started = std::time::Instant::now();
-            let (tx, snap) = source::begin(&mut source).await.map_err(JobError::Source)?;
+            let (tx, mut snap) = source::begin(&mut source).await.map_err(JobError::Source)?;
+            if job.parallel > 1 {
+                // Chunks of several workers commit in any order: a chunk's window must stay
+                // open, whatever its own read saw (see position/load.rs), so it is not settled
+                // at its read.
+                snap.after = None;
+            }
             hold_first_chunk(&chunk).await;
             source::time_limit(&tx, job.batch_timeout)
                 .await
@@ -294,14 +305,7 @@ impl Context {
                 unseen: &unseen,
             });
             let result = apply(
-                &tx,
-                &mut dwh,
-                view,
-                &bound,
-                advance,
-                &mut direct,
-                None,
-                limiter,
+                &tx, &mut dwh, view, &bound, advance, &mut paths, None, limiter,
             )
             .await;
             drop(tx);

@@ -45,8 +45,8 @@ pub use follow::Follower;
 pub(crate) use summary::Applied;
 pub use summary::RunSummary;
 use throttle::Limiter;
-use write::apply;
 pub(crate) use write::apply_keys;
+use write::{apply, Paths};
 
 /// How many distinct unmapped values a run names in its log and record.
 const NAMED_VALUES: usize = 5;
@@ -133,9 +133,10 @@ struct Session<D = Warehouse> {
     source: Client,
     dwh: D,
     view: View,
-    /// Copy batches straight into the target (it was empty with exactly the view's types)
-    /// until a key turns out to exist already; then stage and upsert.
-    copy_direct: bool,
+    /// How batches are written: straight into the target while it holds none of the job's
+    /// keys (it was empty, with exactly the view's types), else the rows of new keys straight
+    /// in and the others staged and upserted (where the target allows it), else all staged.
+    paths: Paths,
     /// The job's `max_rows_per_sec`, shared by everything that reads for this run.
     limiter: Option<Arc<Limiter>>,
     /// The job's progress: whatever commits rows of a load adds them here.
@@ -250,7 +251,10 @@ impl Context {
             source,
             dwh,
             view,
-            copy_direct: target.copy_direct,
+            paths: Paths {
+                direct: target.copy_direct,
+                split: target.split,
+            },
             limiter: job.max_rows_per_sec.map(|r| Arc::new(Limiter::new(r))),
             progress: self.metrics.progress(&job.name),
         })
@@ -369,6 +373,7 @@ impl Context {
         s: &mut Session<D>,
         pos: &mut Position,
         merge: bool,
+        rows: i64,
     ) -> Result<Option<Applied>, JobError> {
         let (tx, snap) = source::begin(&mut s.source)
             .await
@@ -377,7 +382,7 @@ impl Context {
             .await
             .map_err(JobError::Source)?;
         let lo = pos.watermark.clone();
-        let hi = source::batch_bound(&tx, &s.view, lo.as_deref(), None, s.view.job.batch_size)
+        let hi = source::batch_bound(&tx, &s.view, lo.as_deref(), None, rows)
             .await
             .map_err(JobError::Source)?;
         let Some(hi) = hi else { return Ok(None) };
@@ -397,7 +402,7 @@ impl Context {
             &s.view,
             &bound,
             Some(Advance::To(&next)),
-            &mut s.copy_direct,
+            &mut s.paths,
             None,
             s.limiter.as_deref(),
         )
@@ -427,6 +432,9 @@ impl Context {
     ) -> Result<bool, JobError> {
         let job = s.view.job.clone();
         let load = self.begin_load(s, run, feed).await?;
+        // Batches past the watermark grow as a load's chunks do: few commits for a catch-up
+        // of many rows, `batch_size` for a run that finds few.
+        let mut rows = job.batch_size;
         let done = loop {
             if self.stopping() {
                 match feed {
@@ -445,7 +453,12 @@ impl Context {
             let step = match feed {
                 Feed::Watermark(pos) => {
                     let merge = summary.batches > 0;
-                    self.batch(s, pos, merge).await?.map(|a| (a, 0))
+                    let step = self.batch(s, pos, merge, rows).await?;
+                    if let Some(a) = &step {
+                        let ns = (t.elapsed().as_nanos() as u64).checked_div(a.rows);
+                        rows = load::chunk_rows(job.batch_size, rows, ns.unwrap_or(0));
+                    }
+                    step.map(|a| (a, 0))
                 }
                 Feed::Events => self.drain(s).await?.map(|(n, a)| (a, n as u64)),
                 Feed::Load(load) => load.next().await?.map(|a| (a, 0)),
@@ -550,7 +563,6 @@ impl Context {
             .map_err(JobError::Source)?;
         let mut next = pos.clone();
         let settled = next.settle(&snap, &horizon, &unseen);
-        let mut direct = false;
         let position = settled.changed.then_some(Advance::To(&next));
         let result = apply(
             &tx,
@@ -558,7 +570,7 @@ impl Context {
             &s.view,
             &bound,
             position,
-            &mut direct,
+            &mut Paths::staged(),
             None,
             s.limiter.as_deref(),
         )

@@ -19,12 +19,35 @@ struct Log {
     batches: Vec<u64>,
     /// Every position stored, in order.
     positions: Vec<Position>,
+    /// Rows of each batch written split: (above the key ceiling, the others).
+    split: Vec<(u64, u64)>,
 }
 
 struct FakeDwh {
     log: Arc<Mutex<Log>>,
     /// Fail the write of this batch (0-based), after reading its rows.
     fail_at: Option<usize>,
+    /// The greatest key the fake says it holds.
+    ceiling: Option<Vec<String>>,
+    /// Answer a split write as if a key above the ceiling were in the target.
+    refuse_split: bool,
+}
+
+/// Rows of a text COPY stream.
+async fn lines<S, E>(rows: S) -> Result<u64, WriteError<E>>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    futures_util::pin_mut!(rows);
+    let mut n = 0;
+    while let Some(chunk) = rows.next().await {
+        n += chunk
+            .map_err(WriteError::Rows)?
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count() as u64;
+    }
+    Ok(n)
 }
 
 impl Dwh for FakeDwh {
@@ -35,7 +58,10 @@ impl Dwh for FakeDwh {
         Ok(())
     }
     async fn prepare_target(&mut self, _view: &View) -> Result<TargetState, SinkError> {
-        Ok(TargetState { copy_direct: false })
+        Ok(TargetState {
+            copy_direct: false,
+            split: false,
+        })
     }
     async fn read_position(&mut self, _job: &str) -> Result<Option<Position>, SinkError> {
         Ok(self.log.lock().unwrap().positions.last().cloned())
@@ -65,15 +91,7 @@ impl Dwh for FakeDwh {
     where
         S: Stream<Item = Result<Bytes, E>>,
     {
-        futures_util::pin_mut!(rows);
-        let mut n = 0;
-        while let Some(chunk) = rows.next().await {
-            n += chunk
-                .map_err(WriteError::Rows)?
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count() as u64;
-        }
+        let n = lines(rows).await?;
         let mut log = self.log.lock().unwrap();
         if self.fail_at == Some(log.batches.len()) {
             return Err(WriteError::Sink(SinkError::Incompatible {
@@ -96,6 +114,30 @@ impl Dwh for FakeDwh {
             stored,
             ..Written::default()
         })
+    }
+    async fn key_ceiling(&mut self, _view: &View) -> Result<Option<Vec<String>>, SinkError> {
+        Ok(self.ceiling.clone())
+    }
+    async fn write_split<F, S, E>(
+        &mut self,
+        view: &View,
+        fresh: F,
+        rest: S,
+        batch: Batch<'_>,
+    ) -> Result<Written, WriteError<E>>
+    where
+        F: Stream<Item = Result<Bytes, E>>,
+        S: Stream<Item = Result<Bytes, E>>,
+    {
+        let fresh = lines(fresh).await?;
+        if self.refuse_split {
+            return Err(WriteError::KeyExists);
+        }
+        let rest = lines(rest).await?;
+        self.log.lock().unwrap().split.push((fresh, rest));
+        let stream =
+            futures_util::stream::iter([Ok(Bytes::from("\n".repeat((fresh + rest) as usize)))]);
+        self.write(view, stream, batch).await
     }
 }
 
@@ -171,9 +213,11 @@ async fn session(f: &Fixture, fail_at: Option<usize>) -> (Session<FakeDwh>, Arc<
         dwh: FakeDwh {
             log: log.clone(),
             fail_at,
+            ceiling: None,
+            refuse_split: false,
         },
         view,
-        copy_direct: false,
+        paths: write::Paths::staged(),
         limiter: None,
         progress: Default::default(),
     };
@@ -181,28 +225,23 @@ async fn session(f: &Fixture, fail_at: Option<usize>) -> (Session<FakeDwh>, Arc<
 }
 
 #[tokio::test]
-async fn a_catch_up_writes_batches_in_order_each_with_the_position_after_it() {
-    let f = fixture(25, 10).await;
+async fn a_catch_up_writes_growing_batches_in_order_each_with_the_position_after_it() {
+    // batch_size rows first, then twice as many each time (a batch of a few rows takes far
+    // less than a second), up to what is left.
+    let f = fixture(75, 10).await;
     let (mut s, log) = session(&f, None).await;
     let run = f.ctx.store.start_run(&f.job.name).await.unwrap();
     let mut summary = RunSummary::default();
     f.ctx.catch_up(&mut s, run, &mut summary).await.unwrap();
     let local = f.ctx.store.position(&f.job.name).await.unwrap().unwrap();
     let log = log.lock().unwrap();
-    assert_eq!(log.batches, vec![10, 10, 5]);
-    assert_eq!(summary.rows, 25);
-    assert_eq!(summary.batches, 3);
+    assert_eq!(log.batches, vec![10, 20, 40, 5]);
+    assert_eq!(summary.rows, 75);
+    assert_eq!(summary.batches, 4);
     let marks: Vec<Option<Vec<String>>> =
         log.positions.iter().map(|p| p.watermark.clone()).collect();
-    assert_eq!(
-        marks,
-        vec![
-            Some(vec!["0".to_string()]),
-            Some(vec!["10".to_string()]),
-            Some(vec!["20".to_string()]),
-            Some(vec!["25".to_string()])
-        ]
-    );
+    let at = |v: &str| Some(vec![v.to_string()]);
+    assert_eq!(marks, vec![at("0"), at("10"), at("30"), at("70"), at("75")]);
     assert!(
         log.positions.windows(2).all(|w| w[0].seq < w[1].seq),
         "every stored position is newer than the last"
@@ -249,4 +288,44 @@ async fn a_stopping_run_ends_at_a_batch_boundary_without_writing() {
     assert!(!done, "a stopping run reports that it did not finish");
     assert!(log.lock().unwrap().batches.is_empty());
     assert_eq!(pos, before);
+}
+
+#[tokio::test]
+async fn a_split_batch_copies_the_keys_above_the_ceiling_apart_from_the_others() {
+    let f = fixture(25, 10).await;
+    let (mut s, log) = session(&f, None).await;
+    s.paths.split = true;
+    s.dwh.ceiling = Some(vec!["12".into()]);
+    let run = f.ctx.store.start_run(&f.job.name).await.unwrap();
+    let mut summary = RunSummary::default();
+    f.ctx.catch_up(&mut s, run, &mut summary).await.unwrap();
+    let log = log.lock().unwrap();
+    // Ids 1..=10, then 11..=25: every row in exactly one part.
+    assert_eq!(log.split, vec![(0, 10), (13, 2)]);
+    assert_eq!(log.batches, vec![10, 15]);
+    assert_eq!(summary.rows, 25);
+    assert!(s.paths.split);
+}
+
+#[tokio::test]
+async fn a_split_that_meets_a_fresh_key_in_the_target_stages_that_batch_and_the_rest() {
+    let f = fixture(25, 10).await;
+    let (mut s, log) = session(&f, None).await;
+    s.paths.split = true;
+    s.dwh.ceiling = Some(vec!["0".into()]);
+    s.dwh.refuse_split = true;
+    let run = f.ctx.store.start_run(&f.job.name).await.unwrap();
+    let mut summary = RunSummary::default();
+    f.ctx.catch_up(&mut s, run, &mut summary).await.unwrap();
+    let log = log.lock().unwrap();
+    assert!(log.split.is_empty());
+    assert_eq!(
+        log.batches,
+        vec![10, 15],
+        "read again in its snapshot, staged"
+    );
+    assert_eq!(summary.rows, 25);
+    assert!(!s.paths.split, "given up for the rest of the run");
+    let marks: Vec<_> = log.positions.iter().map(|p| p.watermark.clone()).collect();
+    assert_eq!(marks.last().unwrap(), &Some(vec!["25".to_string()]));
 }

@@ -1,11 +1,36 @@
 //! Writing one range: the source's COPY of its view rows streamed into the DWH and applied
-//! there with the position after it, straight into the target while it holds none of the
-//! job's keys, else staged and upserted.
+//! there with the position after it: straight into the target while it holds none of the
+//! job's keys; else the rows of keys above the target's greatest straight in and the others
+//! staged and upserted (when the target allows it, see `TargetState::split`); else all staged
+//! and upserted.
+
+use futures_util::TryStreamExt;
 
 use super::*;
 
-/// Apply the view rows of `bound`: straight into the target while `direct` holds, else (and
-/// from the first key found in the target on) through the staging table.
+/// Which ways of writing a run may still try; each is given up, for the rest of the run, at
+/// the first batch it does not fit (a key met where none was expected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Paths {
+    /// Copy every row straight into the target (it held none of the job's keys so far).
+    pub direct: bool,
+    /// Copy the rows of keys above the target's greatest straight in, stage the others.
+    pub split: bool,
+}
+
+impl Paths {
+    /// Stage and upsert every row.
+    pub fn staged() -> Paths {
+        Paths {
+            direct: false,
+            split: false,
+        }
+    }
+}
+
+/// Apply the view rows of `bound` by the first of `paths` that fits, giving up those that do
+/// not: a direct copy that meets a key in the target, a split whose fresh part does, are
+/// written again (same snapshot) the next way.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn apply<D: Dwh>(
     source_tx: &tokio_postgres::Transaction<'_>,
@@ -13,31 +38,77 @@ pub(super) async fn apply<D: Dwh>(
     view: &View,
     bound: &Bound,
     position: Option<Advance<'_>>,
-    direct: &mut bool,
+    paths: &mut Paths,
     missing: Option<sink::Missing<'_>>,
     limiter: Option<&Limiter>,
 ) -> Result<Applied, JobError> {
-    if *direct && missing.is_none() {
-        let tried = transfer(source_tx, dwh, view, bound, position, true, None, limiter).await?;
+    if paths.direct && missing.is_none() {
+        let tried = transfer(
+            source_tx,
+            dwh,
+            view,
+            bound,
+            position,
+            Way::Direct,
+            None,
+            limiter,
+        )
+        .await?;
         if let Some(done) = tried {
             return Ok(done);
         }
         // A key already in the target: this batch (same snapshot) and all that follow stage.
-        *direct = false;
+        tracing::info!(job = %view.job.name, "a key is in the target already; staging and upserting from here on");
+        paths.direct = false;
+    }
+    if paths.split && missing.is_none() {
+        let tried = transfer(
+            source_tx,
+            dwh,
+            view,
+            bound,
+            position,
+            Way::Split,
+            None,
+            limiter,
+        )
+        .await?;
+        if let Some(done) = tried {
+            return Ok(done);
+        }
+        tracing::info!(job = %view.job.name, "a key above the target's greatest is in it already; staging and upserting every row from here on");
+        paths.split = false;
     }
     let done = transfer(
-        source_tx, dwh, view, bound, position, false, missing, limiter,
+        source_tx,
+        dwh,
+        view,
+        bound,
+        position,
+        Way::Staged,
+        missing,
+        limiter,
     )
     .await?;
-    Ok(done.expect("only direct copies meet existing keys"))
+    Ok(done.expect("only a direct copy or a split meets keys it cannot take"))
+}
+
+/// How `transfer` writes a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Way {
+    Direct,
+    Split,
+    Staged,
 }
 
 /// Stream the view rows of `bound` from the source transaction into the DWH and apply them,
 /// writing `position` in the same DWH transaction.
 ///
-/// `direct` copies straight into the target, which only works while no key exists there
-/// yet; a key that does ends the attempt with `Ok(None)` and nothing written, so the caller
-/// can stage the batch instead.
+/// `Way::Direct` copies straight into the target, which only works while no key exists there
+/// yet; `Way::Split` copies the rows of keys above the target's greatest straight in (two
+/// reads of the range in the one snapshot, cut by key) and stages the others. A key met where
+/// none was expected ends the attempt with `Ok(None)` and nothing written, so the caller can
+/// stage the batch instead.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn transfer<D: Dwh>(
     source_tx: &tokio_postgres::Transaction<'_>,
@@ -45,31 +116,58 @@ pub(super) async fn transfer<D: Dwh>(
     view: &View,
     bound: &Bound,
     position: Option<Advance<'_>>,
-    direct: bool,
+    way: Way,
     missing: Option<sink::Missing<'_>>,
     limiter: Option<&Limiter>,
 ) -> Result<Option<Applied>, JobError> {
-    source::set_settings(source_tx, view, bound.settings.clone())
+    let ceiling = match way {
+        Way::Split => dwh.key_ceiling(view).await?,
+        _ => None,
+    };
+    let parts = ceiling.map(|c| bound.split_at_key(view, &c, "k"));
+    let settings = match &parts {
+        Some((fresh, _)) => fresh.settings.clone(),
+        None => bound.settings.clone(),
+    };
+    source::set_settings(source_tx, view, settings)
         .await
         .map_err(JobError::Source)?;
     let stats = source::checks::stats(source_tx, view, bound)
         .await
         .map_err(JobError::Source)?;
-    let out = source::copy_out(source_tx, &dwh.copy_sql(view, &bound.predicate))
-        .await
-        .map_err(JobError::Source)?;
     let batch = Batch {
-        direct,
+        direct: way == Way::Direct,
         missing,
         position,
     };
-    let out = throttle::throttled(out, limiter);
-    let written = match dwh.write(view, out, batch).await {
-        Ok(w) => w,
-        Err(WriteError::KeyExists) => {
-            tracing::info!(job = %view.job.name, "a key is in the target already; staging and upserting from here on");
-            return Ok(None);
+    let written = match &parts {
+        None => {
+            let out = source::copy_out(source_tx, &dwh.copy_sql(view, &bound.predicate))
+                .await
+                .map_err(JobError::Source)?;
+            dwh.write(view, throttle::throttled(out, limiter), batch)
+                .await
         }
+        Some((fresh, rest)) => {
+            let fresh_out = source::copy_out(source_tx, &dwh.copy_sql(view, &fresh.predicate))
+                .await
+                .map_err(JobError::Source)?;
+            // The second COPY starts once the first is read to its end (one connection).
+            let rest_sql = dwh.copy_sql(view, &rest.predicate);
+            let rest_out =
+                futures_util::stream::once(source::copy_out(source_tx, &rest_sql)).try_flatten();
+            dwh.write_split(
+                view,
+                throttle::throttled(fresh_out, limiter),
+                throttle::throttled(rest_out, limiter),
+                batch,
+            )
+            .await
+        }
+    };
+    let written = match written {
+        Ok(w) => w,
+        Err(WriteError::KeyExists) => return Ok(None),
         Err(WriteError::Rows(e)) => return Err(JobError::Source(e)),
         Err(WriteError::Sink(e)) => return Err(JobError::Sink(e)),
     };
@@ -112,14 +210,13 @@ pub(crate) async fn apply_keys<D: Dwh>(
     keys: &[Vec<String>],
     gone: Option<&[Vec<String>]>,
 ) -> Result<RunSummary, JobError> {
-    let mut no_direct = false;
     let applied = apply(
         source_tx,
         dwh,
         view,
         &Range::Keys(keys).bind(view, "n"),
         None,
-        &mut no_direct,
+        &mut Paths::staged(),
         gone.map(sink::Missing::Keys),
         None,
     )

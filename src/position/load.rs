@@ -164,9 +164,25 @@ impl Position {
         }
     }
 
-    /// Keep `window`, merging the oldest beyond the limit.
+    /// Keep `window` (the next range in cursor order) unless it was settled when read: merged
+    /// into the last window when it continues it (chunks finished in order arrive one by one;
+    /// like consecutive batches of one run, neighbours share a window, so a recheck has fewer
+    /// ranges to test), and the oldest merged beyond the limit.
     fn push_window(&mut self, window: Window) {
-        self.windows.push(window);
+        if window.settled {
+            return;
+        }
+        match self.windows.last_mut() {
+            // It continues the last one, or spans the same range (a load's chunks' windows
+            // span the whole load).
+            Some(last)
+                if window.lo.as_ref() == Some(&last.hi)
+                    || (window.lo == last.lo && window.hi == last.hi) =>
+            {
+                last.absorb(window)
+            }
+            _ => self.windows.push(window),
+        }
         while self.windows.len() > MAX_WINDOWS {
             let second = self.windows.remove(1);
             self.windows[0].absorb(second);
@@ -204,7 +220,9 @@ impl Position {
 }
 
 impl Window {
-    /// The window a read of `(lo, hi]` in `snap` leaves.
+    /// The window a read of `(lo, hi]` in `snap` leaves: settled at once when the horizon read
+    /// just after the snapshot shows that nothing can still add rows to the range (see the
+    /// module documentation of `position`).
     pub fn read(
         lo: Option<Vec<String>>,
         hi: Vec<String>,
@@ -219,8 +237,13 @@ impl Window {
             next: snap.next.max(snap.xmax),
             read_at_us: snap.at_us,
             mark: None,
+            settled: false,
         };
         window.tidy();
+        if let Some(after) = &snap.after {
+            let elsewhere: Vec<u64> = after.elsewhere.iter().map(|x| snap.widen(*x)).collect();
+            window.settled = window.settled_in(snap, after, snap.oldest_running(&elsewhere));
+        }
         window
     }
 }

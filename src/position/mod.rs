@@ -29,6 +29,21 @@
 //!    mark has ended. A writer is then missed only if it held a cursor value for longer than
 //!    the grace time before its first write.
 //!
+//! The read itself can be that last recheck, and its window is then *settled* when it is made
+//! (never kept, never re-read). `source::begin` takes the snapshot, then reads the horizon,
+//! then the next id, in that order. The window settles when the snapshot shows no transaction
+//! of this database in progress, the horizon shows no session of this database whose
+//! transaction started before the read (all sessions visible) and no prepared transaction of
+//! it, and the next id has not passed the snapshot's `xmax` except for ids the horizon shows
+//! running in other databases. Then every transaction of this database that was open at the
+//! snapshot had no id then, and has none yet or ended without one (having written nothing):
+//! one that took an id and committed before the horizon was read left that id between the
+//! snapshot's `xmax` and the next id, and one still open then is in the horizon, started
+//! before the read. Transactions that start later take their cursor values later, as rule 2
+//! assumes. A horizon read before the snapshot would miss a transaction that starts in
+//! between; a next id read before the horizon, one that takes its id and commits in between.
+//! On a standby no window settles this way.
+//!
 //! Times are the source's clock. Positions move forward only: `seq` grows with every
 //! committed change.
 
@@ -95,6 +110,11 @@ pub struct Window {
     /// The next transaction id once the grace time had passed; `None` before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mark: Option<u64>,
+    /// Settled when it was read (see the module documentation): nothing can add rows to its
+    /// range, so it is never kept in `Position::windows`; merged into a neighbour (chunks of a
+    /// load) it adds only its range.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub settled: bool,
 }
 
 /// A window as stored, including the form written by earlier versions (`xip` and `xmax`
@@ -110,6 +130,8 @@ struct StoredWindow {
     read_at_us: i64,
     #[serde(default)]
     mark: Option<u64>,
+    #[serde(default)]
+    settled: bool,
     #[serde(default)]
     xip: Vec<u64>,
     #[serde(default)]
@@ -129,6 +151,7 @@ impl From<StoredWindow> for Window {
             next: s.next.unwrap_or(s.xmax),
             read_at_us: s.read_at_us,
             mark: s.mark,
+            settled: s.settled,
         }
     }
 }
@@ -144,25 +167,35 @@ pub struct Snapshot {
     pub next: u64,
     /// Taken on a hot standby (`pg_is_in_recovery()`).
     pub recovery: bool,
+    /// When it was taken, or a little later (the source's clock, microseconds since the epoch).
     pub at_us: i64,
+    /// What `pg_stat_activity` and `pg_prepared_xacts` showed just after the snapshot was
+    /// taken, with `next` read after them: lets a read settle its window at once.
+    pub after: Option<Horizon>,
 }
 
 impl Snapshot {
-    /// The oldest transaction id that may still be running in this database: below it every
-    /// transaction has ended (and its rows, subtransactions included, are visible to this
-    /// snapshot if it committed). `elsewhere` are ids running in other databases, which cannot
-    /// write here; a standby cannot tell them apart.
+    /// The oldest transaction id of this database that may still be running: every transaction
+    /// of this database below it has ended (and its rows, subtransactions included, are visible
+    /// to this snapshot if it committed). `elsewhere` are ids running in other databases, which
+    /// cannot write here: passed over among the snapshot's running ids and from its `xmax` on
+    /// (where a transaction elsewhere that took its id around the snapshot sits). A standby
+    /// cannot tell them apart.
     pub fn oldest_running(&self, elsewhere: &[u64]) -> u64 {
         if self.recovery {
             return self.xmin;
+        }
+        let mut top = self.xmax;
+        while elsewhere.contains(&top) {
+            top += 1;
         }
         self.xip
             .iter()
             .copied()
             .filter(|x| !elsewhere.contains(x))
-            .chain([self.xmax])
+            .chain([top])
             .min()
-            .unwrap_or(self.xmax)
+            .unwrap_or(top)
     }
 
     /// A 32-bit xid (as `pg_stat_activity` and `pg_prepared_xacts` show them) widened to xid8,
@@ -235,7 +268,8 @@ pub struct Settled {
 
 impl Window {
     /// Whether a recheck taken in `snap` (with `horizon` read just before it) is the last
-    /// one this window needs; see the module documentation for the rule.
+    /// one this window needs; see the module documentation for the rule. For the read that
+    /// makes the window, `snap` is its snapshot and `horizon` the one read just after it.
     fn settled_in(&self, snap: &Snapshot, horizon: &Horizon, oldest_running: u64) -> bool {
         if oldest_running < self.next {
             return false;
@@ -297,6 +331,20 @@ impl Window {
         if later.lo.is_none() || self.lo.is_none() {
             self.lo = None;
         }
+        // A settled window adds only its range: nothing can add rows there.
+        if later.settled {
+            self.hi = later.hi;
+            return;
+        }
+        if self.settled {
+            *self = Window {
+                lo: self.lo.take(),
+                ..later
+            };
+            return;
+        }
+        // Keep the widest view: re-read from the lower floor, wait for the later next, mark
+        // and read time.
         self.hi = later.hi;
         self.floor = self.floor.min(later.floor);
         self.xids.extend(later.xids);
@@ -312,11 +360,13 @@ impl Window {
 
 impl Position {
     /// Record that rows in `(watermark, hi]` were read in `snap`: the watermark moves to `hi`
-    /// and a window remembers the snapshot. `merge_last` folds it into the previous window
-    /// (used for consecutive batches of one run, which are contiguous).
+    /// and a window remembers the snapshot, unless the read settled it. `merge_last` folds it
+    /// into the previous window (used for consecutive batches of one run, which are
+    /// contiguous).
     pub fn advance(&mut self, hi: Vec<String>, snap: &Snapshot, unseen: &Unseen, merge_last: bool) {
         let window = Window::read(self.watermark.clone(), hi.clone(), snap, unseen);
         match self.windows.last_mut() {
+            _ if window.settled => {}
             Some(last) if merge_last && last.hi == window.lo.clone().unwrap_or_default() => {
                 last.absorb(window)
             }

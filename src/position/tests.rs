@@ -39,6 +39,7 @@ fn snap(xmin: u64, xmax: u64, xip: &[u64], next: u64, at_s: i64) -> Snapshot {
         next,
         recovery: false,
         at_us: at_s * S,
+        after: None,
     }
 }
 
@@ -370,7 +371,7 @@ fn a_reset_and_the_end_of_a_first_load_move_seq_forward() {
 fn windows_stored_by_earlier_versions_are_read_conservatively() {
     let old = r#"{"lo":null,"hi":["10"],"xip":[7,5],"xmax":9,"read_at_us":1}"#;
     let w: Window = serde_json::from_str(old).unwrap();
-    assert_eq!((w.floor, w.next, w.mark), (5, 9, None));
+    assert_eq!((w.floor, w.next, w.mark, w.settled), (5, 9, None, false));
     let again: Window = serde_json::from_str(&serde_json::to_string(&w).unwrap()).unwrap();
     assert_eq!(again, w);
 }
@@ -385,6 +386,7 @@ fn xids_are_truncated_to_32_bits_and_widened_with_the_snapshot_epoch() {
         next: (2 << 32) + 10,
         read_at_us: 0,
         mark: None,
+        settled: false,
     };
     assert_eq!(w.floor_xid(), "9");
     assert_eq!(w.xids_literal(), "{3}");
@@ -517,4 +519,182 @@ fn a_load_with_no_chunk_left_completes_when_planning_ends() {
     assert!(p.finish_planning());
     assert!(p.load.is_none());
     assert!(p.seq > seq, "the completion is a change to store");
+}
+
+/// A primary's snapshot as `source::begin` records it: `after` is the horizon read just after
+/// it, and `next` was read after that.
+fn read(xmin: u64, xmax: u64, xip: &[u64], next: u64, at_s: i64, after: Horizon) -> Snapshot {
+    Snapshot {
+        after: Some(after),
+        ..snap(xmin, xmax, xip, next, at_s)
+    }
+}
+
+#[test]
+fn a_read_with_nothing_in_progress_and_no_old_session_settles_its_window_at_once() {
+    let mut p = Position::default();
+    let s = read(9, 9, &[], 9, 1000, known(Oldest::NoneOpen));
+    p.advance(v("10"), &s, &unseen_of(&s), false);
+    assert_eq!(p.watermark, Some(v("10")));
+    assert_eq!(p.seq, 1);
+    assert!(p.windows.is_empty(), "no recheck needed: {:?}", p.windows);
+    // Sessions whose transactions started after the read hold nothing back.
+    let s = read(9, 9, &[], 9, 1001, known(Oldest::Since(1001 * S + 1)));
+    p.advance(v("20"), &s, &unseen_of(&s), true);
+    assert!(p.windows.is_empty());
+    // A window kept before is not touched by a settled read after it.
+    let s = read(9, 12, &[9], 12, 1002, known(Oldest::NoneOpen));
+    p.advance(v("30"), &s, &unseen_of(&s), true);
+    let s = read(12, 12, &[], 12, 1003, known(Oldest::NoneOpen));
+    p.advance(v("40"), &s, &unseen_of(&s), true);
+    assert_eq!(p.windows.len(), 1);
+    assert_eq!(
+        (p.windows[0].lo.clone(), p.windows[0].hi.clone()),
+        (Some(v("20")), v("30"))
+    );
+    assert_eq!(p.watermark, Some(v("40")));
+}
+
+#[test]
+fn a_read_keeps_its_window_while_anything_could_still_write_below_it() {
+    let kept = |s: Snapshot| {
+        let mut p = Position::default();
+        p.advance(v("10"), &s, &unseen_of(&s), false);
+        p.windows.len() == 1
+    };
+    let none = || known(Oldest::NoneOpen);
+    // A transaction of this database is in progress (it may have written in the range).
+    assert!(kept(read(7, 9, &[7], 9, 1000, none())));
+    // A session's transaction started before the read, or at the same instant: it may hold a
+    // cursor value (its now(), an early nextval()) and write with it later.
+    assert!(kept(read(
+        9,
+        9,
+        &[],
+        9,
+        1000,
+        known(Oldest::Since(999 * S))
+    )));
+    assert!(kept(read(
+        9,
+        9,
+        &[],
+        9,
+        1000,
+        known(Oldest::Since(1000 * S))
+    )));
+    // Some sessions are hidden from pgtide's role.
+    assert!(kept(read(9, 9, &[], 9, 1000, Horizon::unknown())));
+    // An id was taken between the snapshot and the read of the next id: by a transaction that
+    // was open at the snapshot and has committed since, perhaps (the horizon no longer shows
+    // it), or one still running above xmax.
+    assert!(kept(read(9, 9, &[], 10, 1000, none())));
+    // A prepared transaction of this database (no session shows it) holds an id that is
+    // running, in xip or above xmax.
+    let prepared = |x: u32| Horizon {
+        prepared: vec![x],
+        ..none()
+    };
+    assert!(kept(read(8, 9, &[8], 9, 1000, prepared(8))));
+    assert!(kept(read(9, 9, &[], 10, 1000, prepared(9))));
+    // A standby sees none of the primary's sessions.
+    assert!(kept(Snapshot {
+        recovery: true,
+        ..read(9, 9, &[], 9, 1000, none())
+    }));
+    // Without a horizon read after the snapshot (the recheck's horizon comes before it).
+    assert!(kept(snap(9, 9, &[], 9, 1000)));
+    // Transactions of other databases, in xip or holding ids from xmax on, cannot write here.
+    let elsewhere = Horizon {
+        elsewhere: vec![7, 9, 10],
+        ..none()
+    };
+    assert!(!kept(read(7, 9, &[7], 11, 1000, elsewhere.clone())));
+    assert!(
+        kept(read(7, 9, &[7], 12, 1000, elsewhere)),
+        "11 may be this database's"
+    );
+}
+
+#[test]
+fn ids_of_other_databases_from_xmax_on_do_not_hold_a_window() {
+    let s = snap(9, 9, &[], 12, 1000);
+    assert_eq!(s.oldest_running(&[]), 9);
+    assert_eq!(s.oldest_running(&[9, 10]), 11);
+    assert_eq!(s.oldest_running(&[10]), 9);
+    // A recheck whose snapshot sees only other databases' ids above xmax closes the window.
+    let mut p = Position::default();
+    adv(&mut p, v("10"), &snap(5, 9, &[5], 9, 1000), false);
+    let h = Horizon {
+        elsewhere: vec![20, 21],
+        ..known(Oldest::NoneOpen)
+    };
+    assert_eq!(settle(&mut p, snap(20, 20, &[], 22, 1001), &h).closed, 1);
+}
+
+#[test]
+fn a_load_keeps_windows_only_for_chunks_read_while_something_could_write() {
+    let quiet = read(10, 10, &[], 10, 1, known(Oldest::NoneOpen));
+    let busy = read(10, 12, &[11], 12, 1, known(Oldest::NoneOpen));
+    let mut p = Position::default();
+    p.begin_load(v("300"));
+    let c1 = p.open_chunk(None, v("100"));
+    let c2 = p.open_chunk(Some(v("100")), v("200"));
+    let c3 = p.open_chunk(Some(v("200")), v("300"));
+    p.advance_frontier(v("300"));
+    assert!(!p.finish_planning());
+    // The busy middle chunk first; then the settled first one takes it along: the window
+    // keeps the middle chunk's snapshot and spans the load (chunks commit in any order).
+    p.chunk_done(&c2, &busy, &unseen_of(&busy));
+    p.chunk_done(&c1, &quiet, &unseen_of(&quiet));
+    assert_eq!(p.watermark, Some(v("200")));
+    assert_eq!(p.windows.len(), 1);
+    let w = &p.windows[0];
+    assert_eq!((w.lo.clone(), w.hi.clone()), (None, v("300")));
+    assert!(!w.settled);
+    assert_eq!((w.floor, w.xids.clone(), w.next), (12, vec![11], 12));
+    // The settled last chunk adds no window.
+    p.chunk_done(&c3, &quiet, &unseen_of(&quiet));
+    assert_eq!(p.watermark, Some(v("300")));
+    assert!(p.load.is_none());
+    assert_eq!(p.windows.len(), 1);
+    // A load whose every chunk settled leaves none, even resumed from a stored position.
+    let mut p = Position::default();
+    p.begin_load(v("200"));
+    let c1 = p.open_chunk(None, v("100"));
+    let c2 = p.open_chunk(Some(v("100")), v("200"));
+    p.advance_frontier(v("200"));
+    p.chunk_done(&c2, &quiet, &unseen_of(&quiet));
+    let mut p: Position = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+    let done = &p.load.as_ref().unwrap().done;
+    assert!(done[0].window.settled, "stored as settled: {done:?}");
+    assert!(!p.finish_planning());
+    p.chunk_done(&c1, &quiet, &unseen_of(&quiet));
+    assert_eq!(p.watermark, Some(v("200")));
+    assert!(p.windows.is_empty(), "{:?}", p.windows);
+}
+
+#[test]
+fn chunks_finished_in_order_share_one_window() {
+    let mut p = Position::default();
+    p.begin_load(v("300"));
+    let c1 = p.open_chunk(None, v("100"));
+    let c2 = p.open_chunk(Some(v("100")), v("200"));
+    let c3 = p.open_chunk(Some(v("200")), v("300"));
+    p.advance_frontier(v("300"));
+    for (c, s) in [
+        (&c1, read(10, 12, &[11], 12, 1, known(Oldest::NoneOpen))),
+        (&c2, read(11, 14, &[11, 13], 14, 2, known(Oldest::NoneOpen))),
+        (&c3, read(11, 15, &[11], 15, 3, known(Oldest::NoneOpen))),
+    ] {
+        p.chunk_done(c, &s, &unseen_of(&s));
+    }
+    assert!(p.finish_planning() || p.load.is_none());
+    assert_eq!(p.watermark, Some(v("300")));
+    assert_eq!(p.windows.len(), 1, "{:?}", p.windows);
+    let w = &p.windows[0];
+    assert_eq!((w.lo.clone(), w.hi.clone()), (None, v("300")));
+    // The widest view: the lowest floor, every id, the latest next and read time.
+    assert_eq!((w.floor, w.xids.clone(), w.next), (12, vec![11], 15));
+    assert_eq!(w.read_at_us, 3 * S);
 }

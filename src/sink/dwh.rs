@@ -11,6 +11,7 @@ use futures_util::{SinkExt, Stream, StreamExt};
 use tokio_postgres::Client;
 
 use super::{Missing, SinkError, TargetState};
+use crate::pg::{quote_ident, quote_qualified};
 use crate::position::{Chunk, Position, Snapshot, Unseen};
 use crate::view::View;
 
@@ -137,6 +138,29 @@ pub trait Dwh {
     ) -> Result<Written, WriteError<E>>
     where
         S: Stream<Item = Result<Bytes, E>>;
+
+    /// The target's greatest key (one text value per key column), for `write_split`: `None`
+    /// when the target is empty or this DWH does not copy rows of new keys straight in.
+    async fn key_ceiling(&mut self, _view: &View) -> Result<Option<Vec<String>>, SinkError> {
+        Ok(None)
+    }
+
+    /// Write one batch as `write` does, its rows in two parts: `fresh`, whose keys all lie
+    /// above the target's greatest (`key_ceiling`), and then `rest`. A fresh key the target
+    /// holds after all is `WriteError::KeyExists`, with nothing written.
+    async fn write_split<F, S, E>(
+        &mut self,
+        view: &View,
+        fresh: F,
+        rest: S,
+        batch: Batch<'_>,
+    ) -> Result<Written, WriteError<E>>
+    where
+        F: Stream<Item = Result<Bytes, E>>,
+        S: Stream<Item = Result<Bytes, E>>,
+    {
+        self.write(view, fresh.chain(rest), batch).await
+    }
 }
 
 /// A PostgreSQL DWH, through one session (which holds the job's advisory lock).
@@ -187,63 +211,149 @@ impl Dwh for Client {
     where
         S: Stream<Item = Result<Bytes, E>>,
     {
-        let tx = self.transaction().await?;
-        let copy_in = tx
-            .copy_in::<_, Bytes>(super::copy_in_sql(view, batch.direct).as_str())
-            .await?;
-        futures_util::pin_mut!(rows);
-        futures_util::pin_mut!(copy_in);
-        let copied = async {
-            while let Some(chunk) = rows.next().await {
-                copy_in
-                    .feed(chunk.map_err(WriteError::Rows)?)
-                    .await
-                    .map_err(WriteError::from)?;
-            }
-            copy_in.as_mut().finish().await.map_err(WriteError::from)
-        }
-        .await;
-        let rows = match copied {
-            Ok(rows) => rows,
-            // A key already in the target, or a batch the target refuses (a NULL or repeated
-            // key): the staged path applies the first and names the row of the others.
-            Err(WriteError::Sink(SinkError::Db(e)))
-                if batch.direct
-                    && crate::pg::refusal(&e) == Some(crate::pg::Refusal::Constraint) =>
-            {
-                return Err(WriteError::KeyExists);
-            }
-            Err(e) => return Err(e),
-        };
-        let mut written = Written {
+        write_parts(
+            self,
+            view,
+            None::<futures_util::stream::Empty<_>>,
             rows,
-            ..Written::default()
-        };
-        if !batch.direct && rows > 0 {
-            written.nulled = super::cast_failures(&tx, view).await?;
-        }
-        written.changed = match (batch.direct, rows) {
-            (true, _) => rows,
-            (false, 0) => 0,
-            (false, _) => super::upsert(&tx, view).await?,
-        };
-        if let Some(m) = batch.missing {
-            written.deleted = super::remove_missing(&tx, view, m).await?;
-        }
-        match batch.position {
-            Some(advance) => {
-                let job = &view.job.name;
-                let stored = advance
-                    .store(|p| async move {
-                        super::write_position(&tx, job, &p).await?;
-                        tx.commit().await?;
-                        Ok(())
-                    })
-                    .await?;
-                written.stored = Some(stored);
-            }
-            None => tx.commit().await?,
-        }
-        Ok(written)
+            batch,
+        )
+        .await
     }
+
+    /// The greatest key by the key's unique index (`TargetState::split` says there is one in
+    /// key order), one entry read backwards.
+    async fn key_ceiling(&mut self, view: &View) -> Result<Option<Vec<String>>, SinkError> {
+        // Qualified: `order by "id"` would sort the text output column of that name.
+        let key: Vec<String> = view
+            .job
+            .key
+            .iter()
+            .map(|k| format!("t.{}", quote_ident(k)))
+            .collect();
+        let text: Vec<String> = key.iter().map(|k| format!("{k}::text")).collect();
+        let desc: Vec<String> = key.iter().map(|k| format!("{k} desc")).collect();
+        let q = format!(
+            "select {} from {} t order by {} limit 1",
+            text.join(", "),
+            quote_qualified(&view.job.target.schema, &view.job.target.name),
+            desc.join(", ")
+        );
+        let Some(row) = self.query_opt(q.as_str(), &[]).await? else {
+            return Ok(None);
+        };
+        Ok((0..key.len())
+            .map(|i| row.get::<_, Option<String>>(i))
+            .collect())
+    }
+
+    /// One DWH transaction: `fresh` copied straight into the target, then `rest` staged and
+    /// upserted, the position last.
+    async fn write_split<F, S, E>(
+        &mut self,
+        view: &View,
+        fresh: F,
+        rest: S,
+        batch: Batch<'_>,
+    ) -> Result<Written, WriteError<E>>
+    where
+        F: Stream<Item = Result<Bytes, E>>,
+        S: Stream<Item = Result<Bytes, E>>,
+    {
+        write_parts(self, view, Some(fresh), rest, batch).await
+    }
+}
+
+/// COPY `rows` in with `sql`; a refused row (a key the target holds, a NULL or repeated key)
+/// is `KeyExists` when `direct`, since the staged path applies the first and names the row of
+/// the others.
+async fn copy_rows<S, E>(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    rows: S,
+    direct: bool,
+) -> Result<u64, WriteError<E>>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    let copy_in = tx.copy_in::<_, Bytes>(sql).await?;
+    futures_util::pin_mut!(rows);
+    futures_util::pin_mut!(copy_in);
+    let copied = async {
+        while let Some(chunk) = rows.next().await {
+            copy_in
+                .feed(chunk.map_err(WriteError::Rows)?)
+                .await
+                .map_err(WriteError::from)?;
+        }
+        copy_in.as_mut().finish().await.map_err(WriteError::from)
+    }
+    .await;
+    match copied {
+        Err(WriteError::Sink(SinkError::Db(e)))
+            if direct && crate::pg::refusal(&e) == Some(crate::pg::Refusal::Constraint) =>
+        {
+            Err(WriteError::KeyExists)
+        }
+        other => other,
+    }
+}
+
+/// `write` and `write_split` for PostgreSQL: in one transaction, `fresh` (if any) straight
+/// into the target, `rows` into the target (direct) or the staging table, then the upsert,
+/// the deletes and the position.
+async fn write_parts<F, S, E>(
+    client: &mut Client,
+    view: &View,
+    fresh: Option<F>,
+    rows: S,
+    batch: Batch<'_>,
+) -> Result<Written, WriteError<E>>
+where
+    F: Stream<Item = Result<Bytes, E>>,
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    let tx = client.transaction().await?;
+    let fresh = match fresh {
+        Some(f) => copy_rows(&tx, &super::copy_in_sql(view, true), f, true).await?,
+        None => 0,
+    };
+    let rows = copy_rows(
+        &tx,
+        &super::copy_in_sql(view, batch.direct),
+        rows,
+        batch.direct,
+    )
+    .await?;
+    let mut written = Written {
+        rows: fresh + rows,
+        changed: fresh,
+        ..Written::default()
+    };
+    if !batch.direct && rows > 0 {
+        written.nulled = super::cast_failures(&tx, view).await?;
+    }
+    written.changed += match (batch.direct, rows) {
+        (true, _) => rows,
+        (false, 0) => 0,
+        (false, _) => super::upsert(&tx, view).await?,
+    };
+    if let Some(m) = batch.missing {
+        written.deleted = super::remove_missing(&tx, view, m).await?;
+    }
+    match batch.position {
+        Some(advance) => {
+            let job = &view.job.name;
+            let stored = advance
+                .store(|p| async move {
+                    super::write_position(&tx, job, &p).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await?;
+            written.stored = Some(stored);
+        }
+        None => tx.commit().await?,
+    }
+    Ok(written)
 }

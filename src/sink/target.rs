@@ -99,6 +99,10 @@ async fn plan_target(tx: &Transaction<'_>, view: &View) -> Result<TargetPlan, Si
 pub struct TargetState {
     /// Empty, with exactly the view's column types: batches may be copied straight in.
     pub copy_direct: bool,
+    /// With exactly the view's column types, a unique index on the key in key order, and a key
+    /// the source computes the same way each time it is read: a batch's rows whose keys lie
+    /// above the target's greatest may be copied straight in, the others upserted.
+    pub split: bool,
 }
 
 /// Make sure the target can take the view: create it when missing, add columns the job
@@ -134,10 +138,43 @@ pub async fn ensure_target(client: &mut Client, view: &View) -> Result<TargetSta
         )
         .await?
         .get(0);
+    let ordered = key_index_in_order(&tx, target, &view.job.key).await?;
     tx.commit().await?;
+    let exact = plan.exact && view.copies_as_is();
     Ok(TargetState {
-        copy_direct: empty && plan.exact && view.copies_as_is(),
+        copy_direct: empty && exact,
+        split: exact && ordered && view.key_is_plain(),
     })
+}
+
+/// Whether a unique btree index of the target holds exactly `key`, in that order, ascending
+/// and with the columns' collations: `order by key desc limit 1` reads one entry of it.
+async fn key_index_in_order(
+    tx: &Transaction<'_>,
+    target: &QualifiedName,
+    key: &[String],
+) -> Result<bool, SinkError> {
+    let row = tx
+        .query_one(
+            "select exists (
+                 select from pg_index i
+                 join pg_class c on c.oid = i.indrelid
+                 join pg_namespace n on n.oid = c.relnamespace
+                 where n.nspname = $1 and c.relname = $2 and i.indisunique and i.indisvalid
+                   and i.indpred is null and i.indexprs is null and i.indnkeyatts = cardinality($3::text[])
+                   and (select array_agg(a.attname::text order by k.n)
+                        from unnest(i.indkey::int2[]) with ordinality k(attnum, n)
+                        join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+                        where k.n <= i.indnkeyatts) = $3::text[]
+                   and not exists (select from unnest(i.indoption::int2[]) o where o <> 0)
+                   and not exists (
+                       select from unnest(i.indkey::int2[], i.indcollation::oid[]) k(attnum, coll)
+                       join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+                       where k.coll <> a.attcollation))",
+            &[&target.schema, &target.name, &key],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// The problems `ensure_target` would refuse on, changing nothing (for `check`).

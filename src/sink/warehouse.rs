@@ -76,4 +76,22 @@ impl Dwh for Warehouse {
     {
         each!(self, d => d.write(view, rows, batch).await)
     }
+
+    async fn key_ceiling(&mut self, view: &View) -> Result<Option<Vec<String>>, SinkError> {
+        each!(self, d => d.key_ceiling(view).await)
+    }
+
+    async fn write_split<F, S, E>(
+        &mut self,
+        view: &View,
+        fresh: F,
+        rest: S,
+        batch: Batch<'_>,
+    ) -> Result<Written, WriteError<E>>
+    where
+        F: Stream<Item = Result<Bytes, E>>,
+        S: Stream<Item = Result<Bytes, E>>,
+    {
+        each!(self, d => d.write_split(view, fresh, rest, batch).await)
+    }
 }

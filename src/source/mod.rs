@@ -16,7 +16,8 @@ use tokio_postgres::{Client, CopyOutStream, IsolationLevel, Transaction};
 use crate::position::{Horizon, Oldest, Snapshot, Unseen};
 use crate::view::{resolve::settings_statement, sql, Setting, View};
 
-/// Start a read transaction and record its snapshot.
+/// Start a read transaction and record its snapshot, the horizon just after it, and the next
+/// transaction id after that (the order `position` needs to settle a window at its read).
 pub async fn begin(
     client: &mut Client,
 ) -> Result<(Transaction<'_>, Snapshot), tokio_postgres::Error> {
@@ -26,22 +27,28 @@ pub async fn begin(
         .read_only(true)
         .start()
         .await?;
-    // The next id is the snapshot's xmin plus its age: `age()` counts from the next id to be
-    // assigned (on a standby, past every id replayed), and needs no id of its own.
-    let row = tx
-        .query_one(
-            "select pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
-                    array(select pg_snapshot_xip(s)::text),
-                    age((pg_snapshot_xmin(s)::text::int8 % 4294967296)::text::xid)::int8,
-                    pg_is_in_recovery(),
-                    (extract(epoch from clock_timestamp()) * 1000000)::int8
-             from (select pg_current_snapshot() as s) x",
-            &[],
-        )
-        .await?;
+    // The first statement of a repeatable read transaction takes the snapshot before it runs;
+    // `pg_current_snapshot()` returns it. The horizon is read while the statement runs, so
+    // after it. The next id is the snapshot's xmin plus its age: `age()` counts from the next
+    // id to be assigned (on a standby, past every id replayed), needs no id of its own, and
+    // reads it once per transaction, at its first call: here, in a `case` that waits for the
+    // horizon's rows, so after them.
+    let q = format!(
+        "with x as materialized (select pg_current_snapshot() as s), {HORIZON_CTES}
+         select pg_snapshot_xmin(x.s)::text, pg_snapshot_xmax(x.s)::text,
+                array(select pg_snapshot_xip(x.s)::text),
+                case when h.hidden >= 0 and p.n >= 0
+                     then age((pg_snapshot_xmin(x.s)::text::int8 % 4294967296)::text::xid)::int8 end,
+                pg_is_in_recovery(),
+                (extract(epoch from clock_timestamp()) * 1000000)::int8,
+                {HORIZON_COLUMNS}
+         from x, h, p"
+    );
+    let row = tx.query_one(q.as_str(), &[]).await?;
     let parse = |s: String| s.parse::<u64>().unwrap_or(0);
     let xmin = parse(row.get(0));
     let age: i64 = row.get(3);
+    let recovery: bool = row.get(4);
     let snapshot = Snapshot {
         xmin,
         xmax: parse(row.get(1)),
@@ -51,8 +58,9 @@ pub async fn begin(
             .map(parse)
             .collect(),
         next: xmin + age.max(0) as u64,
-        recovery: row.get(4),
+        recovery,
         at_us: row.get(5),
+        after: Some(read_horizon(&row, 6, recovery)),
     };
     Ok((tx, snapshot))
 }
@@ -64,8 +72,8 @@ const UNSEEN_SCAN_MAX: u64 = 200_000;
 /// Which transaction ids at or above `from` a snapshot taken by `tx` could not see (see
 /// [`Unseen`]). On a primary the source is asked which ids below the snapshot's `xmax` are
 /// still in progress (`pg_xact_status` knows a subtransaction by its parent), and then which
-/// of the snapshot's own transactions have ended since: those may have had subtransactions
-/// that now look committed, so the floor drops to the first of them.
+/// of the snapshot's own transactions of this database have ended since: those may have had
+/// subtransactions that now look committed, so the floor drops to the first of them.
 pub async fn unseen(
     tx: &Transaction<'_>,
     snap: &Snapshot,
@@ -98,10 +106,17 @@ pub async fn unseen(
         )
         .await?
         .get(0);
+    // Transactions the horizon just after the snapshot showed running in other databases
+    // wrote nothing here, subtransactions included: their ending does not lower the floor.
+    let elsewhere: Vec<u64> = snap
+        .after
+        .iter()
+        .flat_map(|h| h.elsewhere.iter().map(|x| snap.widen(*x)))
+        .collect();
     let listed: Vec<String> = snap
         .xip
         .iter()
-        .filter(|x| **x >= start)
+        .filter(|x| **x >= start && !elsewhere.contains(x))
         .map(|x| x.to_string())
         .collect();
     let ended: Vec<String> = if listed.is_empty() {
@@ -125,45 +140,40 @@ pub async fn unseen(
     Ok(Unseen { floor, xids })
 }
 
-/// What `pg_stat_activity` and `pg_prepared_xacts` show about other transactions, read before
-/// a snapshot is taken (so a transaction that ends in between is visible to that snapshot):
-/// the start of the oldest open transaction in this database (pgtide's own sessions only read
-/// and are left out), the transactions running or prepared in other databases, and the
-/// prepared transactions of this one. On a standby the sessions shown are the standby's own,
-/// not the primary's writers: nothing is known there.
-pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            // Sessions of other roles are hidden without pg_read_all_stats: backend_type,
-            // state and backend_xid read NULL for them (checked on PostgreSQL 15).
-            // pg_prepared_xacts is read after pg_stat_activity: a transaction that prepares in
-            // between is seen in one or the other.
-            // pgtide's own sessions in this database only read; elsewhere they count like any.
-            "with a as materialized (
-                 select *, datname = current_database() as here,
-                        datname = current_database() and application_name like 'pgtide:%' as ours
-                 from pg_stat_activity
-                 where pid <> pg_backend_pid() and datname is not null
-                   and (backend_type = 'client backend' or backend_type is null)),
-             s as materialized (
-                 select count(*) filter (where here and not ours and backend_type is null) as hidden,
-                        min((extract(epoch from xact_start) * 1000000)::int8) filter (where here and not ours) as oldest,
-                        array_agg(backend_xid::text) filter (where not here and backend_xid is not null) as elsewhere
-                 from a),
-             p as materialized (
-                 select array_agg(transaction::text) filter (where database = current_database()) as here,
-                        array_agg(transaction::text) filter (where database <> current_database()) as elsewhere
-                 from pg_prepared_xacts)
-             select s.hidden, s.oldest, s.elsewhere, p.here, p.elsewhere, pg_is_in_recovery()
-             from s, p",
-            &[],
-        )
-        .await?;
-    let hidden: i64 = row.get(0);
-    let oldest: Option<i64> = row.get(1);
-    let recovery: bool = row.get(5);
+/// The horizon's part of a query: `h` (this database's sessions: how many are hidden, the
+/// start of the oldest open transaction, the ids running in other databases) and `p` (the
+/// prepared transactions here and elsewhere). Sessions of other roles are hidden without
+/// pg_read_all_stats: backend_type, state and backend_xid read NULL for them (checked on
+/// PostgreSQL 15). pgtide's own sessions in this database only read and are left out;
+/// elsewhere they count like any. pg_prepared_xacts is read after pg_stat_activity: a
+/// transaction that prepares in between is seen in one or the other.
+const HORIZON_CTES: &str = "a as materialized (
+         select *, datname = current_database() as here,
+                datname = current_database() and application_name like 'pgtide:%' as ours
+         from pg_stat_activity
+         where pid <> pg_backend_pid() and datname is not null
+           and (backend_type = 'client backend' or backend_type is null)),
+     h as materialized (
+         select count(*) filter (where here and not ours and backend_type is null) as hidden,
+                min((extract(epoch from xact_start) * 1000000)::int8) filter (where here and not ours) as oldest,
+                array_agg(backend_xid::text) filter (where not here and backend_xid is not null) as elsewhere
+         from a),
+     p as materialized (
+         select count(*) as n,
+                array_agg(transaction::text) filter (where database = current_database()) as here,
+                array_agg(transaction::text) filter (where database <> current_database()) as elsewhere
+         from pg_prepared_xacts)";
+
+/// The columns `read_horizon` takes, in its order.
+const HORIZON_COLUMNS: &str = "h.hidden, h.oldest, h.elsewhere, p.here, p.elsewhere";
+
+/// The horizon from `HORIZON_COLUMNS`, starting at column `at`. On a standby the sessions
+/// shown are the standby's own, not the primary's writers: nothing is known there.
+fn read_horizon(row: &tokio_postgres::Row, at: usize, recovery: bool) -> Horizon {
+    let hidden: i64 = row.get(at);
+    let oldest: Option<i64> = row.get(at + 1);
     let xids = |i: usize| -> Vec<u32> {
-        row.get::<_, Option<Vec<String>>>(i)
+        row.get::<_, Option<Vec<String>>>(at + i)
             .unwrap_or_default()
             .iter()
             .filter_map(|x| x.parse().ok())
@@ -171,7 +181,7 @@ pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> 
     };
     let mut elsewhere = xids(2);
     elsewhere.extend(xids(4));
-    Ok(Horizon {
+    Horizon {
         oldest: match (recovery, hidden, oldest) {
             (true, _, _) => Oldest::Hidden,
             (false, 0, None) => Oldest::NoneOpen,
@@ -180,7 +190,17 @@ pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> 
         },
         elsewhere: if recovery { Vec::new() } else { elsewhere },
         prepared: xids(3),
-    })
+    }
+}
+
+/// What `pg_stat_activity` and `pg_prepared_xacts` show about other transactions, read before
+/// a recheck's snapshot is taken (so a transaction that ends in between is visible to that
+/// snapshot): the start of the oldest open transaction in this database, the transactions
+/// running or prepared in other databases, and the prepared transactions of this one.
+pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> {
+    let q = format!("with {HORIZON_CTES} select {HORIZON_COLUMNS}, pg_is_in_recovery() from h, p");
+    let row = client.query_one(q.as_str(), &[]).await?;
+    Ok(read_horizon(&row, 0, row.get(5)))
 }
 
 /// The last cursor value of the next batch after `lo` (up to `hi`), or `None` when no rows remain.

@@ -14,6 +14,9 @@ use crate::config::JobSpec;
 
 pub use resolve::{resolve, ViewError};
 
+/// The `origin` of a column computed by a job's own `sql` expression.
+pub const SQL_ORIGIN: &str = "sql";
+
 /// One target column: its SQL expression in the source query and its type in the DWH.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ViewColumn {
@@ -154,6 +157,17 @@ impl View {
         self.columns
             .iter()
             .all(|c| c.load.is_none() && c.stage_type == c.target_type)
+    }
+
+    /// Whether every key column is a column of the view's tables or a transform of one (not
+    /// a `sql` expression, which may give another value each time it is evaluated): two
+    /// reads of the same rows in one snapshot give the same keys.
+    pub fn key_is_plain(&self) -> bool {
+        self.key_positions().len() == self.job.key.len()
+            && self
+                .key_positions()
+                .iter()
+                .all(|i| self.columns[*i].origin != SQL_ORIGIN)
     }
 
     /// Positions of the key columns among `columns`.

@@ -276,7 +276,7 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
                         continue;
                     }
                 };
-                origin = "sql".into();
+                origin = super::SQL_ORIGIN.into();
                 cast(format!("({expr})"), Some(&natural))
             }
             ColumnKind::Deleted { .. } => {

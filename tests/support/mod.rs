@@ -250,6 +250,24 @@ impl Out {
             .unwrap_or_else(|| panic!("no rows read in: {out}"))
     }
 
+    /// Rows the run re-read by rechecking open windows (`0` when it says nothing of them).
+    pub fn rows_rechecked(&self) -> u64 {
+        let out = self.stdout();
+        out.split(" re-read by recheck")
+            .next()
+            .filter(|before| before.len() < out.len())
+            .and_then(|before| before.rsplit('(').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Rows the run read as new: read, less those re-read by recheck. Other tests' transactions
+    /// on the shared server can keep a window open (conservatively) and make a recheck re-read
+    /// rows that did not change.
+    pub fn rows_new(&self) -> u64 {
+        self.rows_read() - self.rows_rechecked()
+    }
+
     /// Assert success, showing everything pgtide said otherwise.
     pub fn ok(self) -> Out {
         assert_eq!(

@@ -304,7 +304,10 @@ impl Dwh for ClickHouse {
         );
         let newest: u64 = self.http.query(&q).await?.trim().parse().unwrap_or(0);
         self.last_version = self.last_version.max(newest);
-        Ok(TargetState { copy_direct: false })
+        Ok(TargetState {
+            copy_direct: false,
+            split: false,
+        })
     }
 
     async fn check_target(&mut self, view: &View) -> Result<Vec<String>, SinkError> {
