@@ -550,6 +550,12 @@ async fn rows_an_open_window_will_reread_are_not_counted_until_it_closes() {
     let (env, db) = env().await;
     env.src.batch_execute(ORDERS).await.unwrap();
     env.job("orders", POLL_JOB);
+    // A session holding a transaction id while the run reads: its window cannot close at once.
+    let holder = support::connect(&env.src_url).await;
+    holder
+        .batch_execute("begin; select pg_current_xact_id();")
+        .await
+        .unwrap();
     env.pgtide(&["run-once"]).await.ok();
     // Below the `id` watermark, inside the window the run left open: its recheck re-reads it.
     env.src
@@ -566,6 +572,7 @@ async fn rows_an_open_window_will_reread_are_not_counted_until_it_closes() {
     };
     assert!(windows(&env).await > 0, "the run leaves its window open");
     clean(&env, "orders", &[]).await;
+    holder.batch_execute("commit").await.unwrap();
     env.pgtide(&["run-once"]).await.ok();
     assert_eq!(windows(&env).await, 0, "the recheck closed the window");
     let amount = |db: &str| {
