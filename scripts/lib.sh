@@ -269,39 +269,47 @@ from = "o.updated_at"
 TOML
 }
 
-# The daily path (scripts/bench-daily.sh, scripts/bench.sh): after bench_orders and bench_config
-# in $1, job `daily` (every orders column, (updated_at, id) watermark, default settings) loads
-# orders_daily with run-once of pgtide $2; orders_script and orders_merge are copies of it for
-# the hand-written script (with insert ... on conflict, and with merge), whose watermark lives
-# in the DWH table daily_marks. $1/byhand.sh TABLE insert|merge is that script.
+# The daily path (scripts/bench-daily.sh, scripts/bench.sh), after bench_orders and
+# bench_config in $WORK/cfg.
 DAILY_COLS="id, customer_id, status, quantity, amount, payload, created_at, updated_at"
-daily_setup() {
+
+# Job $1 in $2/jobs: every orders column into table $1, the (updated_at, id) watermark, and
+# default settings but for the extra lines $3 (e.g. "parallel = 4").
+daily_job() {
   local c columns=""
   for c in id customer_id status quantity amount payload created_at updated_at; do
     columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
   done
-  printf 'interval_secs = 60\ntarget = "orders_daily"\nkey = ["id"]\nwatermark = ["updated_at", "id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' \
-    "$columns" > "$1/cfg/jobs/daily.toml"
-  "$2" --config "$1/cfg/pgtide.toml" run-once daily >/dev/null 2>>"$1/pgtide.log"
-  local last
+  printf 'interval_secs = 60\n%s\ntarget = "%s"\nkey = ["id"]\nwatermark = ["updated_at", "id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' \
+    "${3:-}" "$1" "$columns" > "$2/jobs/$1.toml"
+}
+
+# After pgtide loaded table $1 (its job of the same name), orders_script and orders_merge are
+# copies of it for the hand-written script (with insert ... on conflict, and with merge), whose
+# watermark lives in the DWH table daily_marks; then the server restarts. $WORK/byhand.sh
+# TABLE insert|merge is that script.
+daily_setup() {
+  local last c sets="" values=""
   last=$(psql -d src -Atc "select quote_literal(updated_at) || ', ' || id from orders order by updated_at desc, id desc limit 1")
   psql -d dwh <<SQL
-create table orders_script (like orders_daily including all);
-insert into orders_script select * from orders_daily;
-create table orders_merge (like orders_daily including all);
-insert into orders_merge select * from orders_daily;
+create table orders_script (like $1 including all);
+insert into orders_script select * from $1;
+create table orders_merge (like $1 including all);
+insert into orders_merge select * from $1;
 create table daily_marks (name text primary key, updated_at timestamptz not null, id bigint not null);
 insert into daily_marks values ('orders_script', $last), ('orders_merge', $last);
 vacuum analyze;
 SQL
-  local sets="" values=""
+  # The copies were just written through shared buffers, pgtide's table long before: a restart
+  # starts the three alike (every page in the OS's cache, none in the server's).
+  as_pg "$BIN/pg_ctl" -D "$WORK/data" -m fast -w restart >/dev/null
   for c in customer_id status quantity amount payload created_at updated_at; do
     sets+="$c = s.$c, "
   done
   for c in id customer_id status quantity amount payload created_at updated_at; do
     values+="s.$c, "
   done
-  cat > "$1/byhand.sh" <<SH
+  cat > "$WORK/byhand.sh" <<SH
 #!/usr/bin/env bash
 # The hand-written daily load: rows past the DWH's watermark, staged and upserted (or merged)
 # in one DWH transaction that also moves the watermark.
@@ -326,7 +334,7 @@ psql -d src -c "copy (select $DAILY_COLS from orders where (updated_at, id) > (\
           from (select updated_at, id from stage order by updated_at desc, id desc limit 1) l
           where m.name = '\$table'"
 SH
-  chmod +x "$1/byhand.sh"
+  chmod +x "$WORK/byhand.sh"
 }
 
 # Round $1 of the daily changes on the source: NEW (100,000) rows inserted, UPDATED (10,000)
@@ -351,52 +359,54 @@ SQL
   psql -d dwh -c checkpoint >/dev/null
 }
 
-# Round $3: pgtide $2 run-once, the script with insert ... on conflict and with merge, in an
-# order that rotates with the round; "round name seconds peak_kib" lines go to $1/daily.tsv.
+# Round $2: pgtide $1 run-once of job $3, the script with insert ... on conflict and with merge,
+# in an order that rotates with the round, each after a checkpoint; "round name seconds
+# peak_kib" lines go to $WORK/daily.tsv.
 daily_round() {
   local i name t0 t1 order=(pgtide script merge)
   for i in 0 1 2; do
-    name=${order[$(( (i + $3) % 3 ))]}
+    name=${order[$(( (i + $2) % 3 ))]}
+    psql -d dwh -c checkpoint >/dev/null
     t0=$(date +%s.%N)
     case $name in
-      pgtide) /usr/bin/time -f %M -o "$1/rss" "$2" --config "$1/cfg/pgtide.toml" run-once daily >/dev/null 2>>"$1/pgtide.log" ;;
-      script) /usr/bin/time -f %M -o "$1/rss" "$1/byhand.sh" orders_script insert ;;
-      merge) /usr/bin/time -f %M -o "$1/rss" "$1/byhand.sh" orders_merge merge ;;
+      pgtide) /usr/bin/time -f %M -o "$WORK/rss" "$1" --config "$WORK/cfg/pgtide.toml" run-once "$3" >/dev/null 2>>"$WORK/pgtide.log" ;;
+      script) /usr/bin/time -f %M -o "$WORK/rss" "$WORK/byhand.sh" orders_script insert ;;
+      merge) /usr/bin/time -f %M -o "$WORK/rss" "$WORK/byhand.sh" orders_merge merge ;;
     esac
     t1=$(date +%s.%N)
-    echo "$3 $name $(python3 -c "print($t1 - $t0)") $(tail -n 1 "$1/rss")" >> "$1/daily.tsv"
-    psql -d dwh -c checkpoint >/dev/null
+    echo "$2 $name $(python3 -c "print($t1 - $t0)") $(tail -n 1 "$WORK/rss")" >> "$WORK/daily.tsv"
   done
 }
 
-# Every daily target holds exactly the source's rows.
+# Table $1 (pgtide's) and the script's tables hold exactly the source's rows.
 daily_check() {
   local q="select count(*) || ' ' || md5(string_agg(row($DAILY_COLS)::text, ',' order by id))"
   local want got t
   want=$(psql -d src -Atc "$q from orders")
-  for t in orders_daily orders_script orders_merge; do
+  for t in "$1" orders_script orders_merge; do
     got=$(psql -d dwh -Atc "$q from $t")
     [ "$got" = "$want" ] || { echo "$t differs from the source: $got, expected $want" >&2; exit 1; }
   done
 }
 
-# The daily rounds of $1/daily.tsv: seconds and peak RSS per round, then the range of each.
+# The daily rounds of $WORK/daily.tsv: seconds per round, the median, peak RSS, and pgtide's
+# time as a share of the script's and of merge's in each round.
 daily_report() {
-  python3 - "$1/daily.tsv" "$ROWS" "${NEW:-100000}" "${UPDATED:-10000}" <<'PY'
-import sys
+  python3 - "$WORK/daily.tsv" "$ROWS" "${NEW:-100000}" "${UPDATED:-10000}" <<'PY'
+import statistics, sys
 runs = [l.split() for l in open(sys.argv[1])]
 rows, new, updated = sys.argv[2:5]
-print(f"\ndaily path: {rows} rows loaded, then per round {new} new and {updated} updated rows")
-names = ["pgtide", "script", "merge"]
+print(f"\ndaily path: {rows} rows loaded by pgtide, then per round {new} new and {updated} updated rows")
 label = {"pgtide": "pgtide run-once", "script": "script, insert ... on conflict", "merge": "script, merge"}
 rounds = sorted({int(r[0]) for r in runs})
-print(f"{'':32} " + " ".join(f"{'round ' + str(r):>9}" for r in rounds) + f" {'peak RSS':>10}")
-for n in names:
-    secs = {int(r[0]): float(r[2]) for r in runs if r[1] == n}
+print(f"{'':32} " + " ".join(f"{'round ' + str(r):>8}" for r in rounds) + f" {'median':>8} {'peak RSS':>10}")
+secs = {}
+for n in label:
+    secs[n] = {int(r[0]): float(r[2]) for r in runs if r[1] == n}
     rss = max(int(r[3]) for r in runs if r[1] == n)
-    print(f"{label[n]:32} " + " ".join(f"{secs[r]:8.2f}s" for r in rounds) + f" {rss / 1024:7.1f} MiB")
-for r in rounds:
-    s = {x[1]: float(x[2]) for x in runs if int(x[0]) == r}
-    print(f"round {r}: pgtide / script {s['pgtide'] / s['script']:.2f}, pgtide / merge {s['pgtide'] / s['merge']:.2f}")
+    med = statistics.median(secs[n].values())
+    print(f"{label[n]:32} " + " ".join(f"{secs[n][r]:7.3f}s" for r in rounds) + f" {med:7.3f}s {rss / 1024:6.1f} MiB")
+for other in ("script", "merge"):
+    print(f"pgtide / {other}, per round: " + ", ".join(f"{secs['pgtide'][r] / secs[other][r]:.2f}" for r in rounds))
 PY
 }
