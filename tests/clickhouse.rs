@@ -396,9 +396,13 @@ async fn a_sigkill_mid_load_then_a_run_converges() {
         )
         .await
         .unwrap();
+    // Throttled, so the load is still going when the kill comes (two-second chunks).
     env.job(
         "orders",
-        &POLL_JOB.replace("batch_size = 1000", "batch_size = 5000"),
+        &POLL_JOB.replace(
+            "batch_size = 1000",
+            "batch_size = 5000\nmax_rows_per_sec = 50000",
+        ),
     );
     let mut child = env.command(&["run-once"]).spawn().unwrap();
     let count = || async {

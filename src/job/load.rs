@@ -5,10 +5,11 @@
 //! A planner walks the cursor's order a chunk at a time (the same keyset query as a batch's
 //! upper bound) and hands each range to the next free worker; so chunks hold as many rows as
 //! asked whatever the key's distribution, for any cursor (composite, text, timestamps), with
-//! no numeric key needed. The first chunks hold `batch_size` rows; then each chunk is sized
-//! to take about [`CHUNK_TIME`] at the speed the workers report, growing at most twofold a
-//! step and up to [`MAX_CHUNK_ROWS`]: few commits on a fast path, short snapshots on a slow
-//! one. Each finished chunk is recorded in the job's
+//! no numeric key needed. The planner cuts a chunk only when a worker can take it, so its size
+//! follows the speed the workers last reported: the first chunks hold `batch_size` rows, the
+//! others about [`CHUNK_TIME`]'s worth, up to [`MAX_CHUNK_ROWS`]: few commits on a fast
+//! path, short snapshots on a slow one. A chunk that is a large part of the table reads its
+//! bounds once per statement (`range::wide`). Each finished chunk is recorded in the job's
 //! position (`position::Load`) with its rows, so a killed load resumes with the chunks it had
 //! not finished; see `position/load.rs`. Replays move no position and start over.
 //!
@@ -24,20 +25,29 @@ use tokio::task::JoinSet;
 use super::*;
 use crate::position::{Chunk, Window};
 
-/// How long a chunk should take to read and write.
-pub const CHUNK_TIME: Duration = Duration::from_secs(1);
+/// How long a chunk should take to read and write: long enough that a chunk's fixed costs
+/// (its snapshot, the plan of its read, its commit) are lost in its rows, short enough that
+/// its snapshot holds back nothing on the source.
+pub const CHUNK_TIME: Duration = Duration::from_secs(2);
 /// The most rows in one chunk.
 pub const MAX_CHUNK_ROWS: i64 = 1_000_000;
 
 /// The rows of the next chunk: about `CHUNK_TIME`'s worth at `ns_per_row` (0: not known
-/// yet), at least `batch_size`, at most twice the last chunk and `MAX_CHUNK_ROWS`.
+/// yet, the last chunk's size), at least `batch_size`, at most `MAX_CHUNK_ROWS` (unless
+/// `batch_size` is more).
 pub(super) fn chunk_rows(batch_size: i64, last: i64, ns_per_row: u64) -> i64 {
     if ns_per_row == 0 {
         return last;
     }
     let fits = (CHUNK_TIME.as_nanos() as u64 / ns_per_row).min(MAX_CHUNK_ROWS as u64) as i64;
-    fits.clamp(batch_size, (last * 2).max(batch_size))
-        .min(MAX_CHUNK_ROWS.max(batch_size))
+    fits.max(batch_size)
+}
+
+/// A chunk handed to the workers, and whether it is a large part of the table
+/// (`range::wide`).
+struct Planned {
+    chunk: Chunk,
+    wide: bool,
 }
 
 /// A load under way.
@@ -120,7 +130,7 @@ impl Context {
         limiter: Option<Arc<Limiter>>,
     ) -> Load {
         let workers = view.job.parallel.max(1);
-        let (chunks_tx, chunks_rx) = mpsc::channel::<Chunk>(workers);
+        let (chunks_tx, chunks_rx) = mpsc::channel::<Planned>(workers);
         let chunks_rx = Arc::new(Mutex::new(chunks_rx));
         let (done_tx, done_rx) = mpsc::channel(workers * 2);
         let stop = Arc::new(AtomicBool::new(false));
@@ -185,12 +195,15 @@ impl Context {
         &self,
         view: &View,
         reach: Reach,
-        chunks: mpsc::Sender<Chunk>,
+        chunks: mpsc::Sender<Planned>,
         stop: &AtomicBool,
         speed: &AtomicU64,
     ) -> Result<(), JobError> {
         let mut rows = view.job.batch_size;
         let mut source = self.connect_source(&view.job).await?;
+        let table_rows = source::table_rows(&source, view)
+            .await
+            .map_err(JobError::Source)?;
         let (mut lo, end, shared) = match reach {
             Reach::Replay { lo, to } => (lo, to, None),
             Reach::Position(shared) => {
@@ -203,7 +216,9 @@ impl Context {
                 // Chunks handed out before a crash and never finished: read again first.
                 for c in again {
                     let chunk = shared.lock().await.open_chunk(c.lo, c.hi);
-                    if chunks.send(chunk).await.is_err() {
+                    // Its size is not known: its values are kept in the planner's sight.
+                    let planned = Planned { chunk, wide: false };
+                    if chunks.send(planned).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -215,6 +230,11 @@ impl Context {
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
+            // Cut the next chunk once a worker can take it, at the speed known by then.
+            let Ok(permit) = chunks.reserve().await else {
+                return Ok(());
+            };
+            rows = chunk_rows(view.job.batch_size, rows, speed.load(Ordering::Relaxed));
             let hi = {
                 let tx = source.transaction().await.map_err(JobError::Source)?;
                 source::batch_bound(&tx, view, lo.as_deref(), end.as_deref(), rows)
@@ -222,7 +242,6 @@ impl Context {
                     .map_err(JobError::Source)?
             };
             let Some(hi) = hi else { break };
-            rows = chunk_rows(view.job.batch_size, rows, speed.load(Ordering::Relaxed));
             let chunk = match &shared {
                 Some(shared) => {
                     let mut p = shared.lock().await;
@@ -239,9 +258,10 @@ impl Context {
                     }
                 }
             };
-            if chunks.send(chunk).await.is_err() {
-                return Ok(());
-            }
+            permit.send(Planned {
+                chunk,
+                wide: range::wide(rows, table_rows),
+            });
             lo = Some(hi);
         }
         if let Some(shared) = shared {
@@ -255,7 +275,7 @@ impl Context {
     async fn work(
         &self,
         view: &View,
-        chunks: Arc<Mutex<mpsc::Receiver<Chunk>>>,
+        chunks: Arc<Mutex<mpsc::Receiver<Planned>>>,
         done: &mpsc::Sender<Result<Applied, JobError>>,
         stop: &AtomicBool,
         speed: &AtomicU64,
@@ -275,7 +295,7 @@ impl Context {
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(chunk) = chunks.lock().await.recv().await else {
+            let Some(Planned { chunk, wide }) = chunks.lock().await.recv().await else {
                 return Ok(());
             };
             let started = std::time::Instant::now();
@@ -296,6 +316,7 @@ impl Context {
             let bound = Range::Cursor {
                 lo: chunk.lo.as_deref(),
                 hi: Some(&chunk.hi),
+                wide,
             }
             .bind(view, "b");
             let advance = shared.as_deref().map(|shared| Advance::Chunk {
@@ -347,12 +368,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_grow_to_a_second_of_work_at_most_twofold_a_step() {
+    fn chunks_hold_two_seconds_of_work_within_bounds() {
         // Unknown speed: the size stays.
         assert_eq!(chunk_rows(10_000, 10_000, 0), 10_000);
-        // 2 µs a row: a second is 500,000 rows, reached by doubling.
-        assert_eq!(chunk_rows(10_000, 10_000, 2_000), 20_000);
-        assert_eq!(chunk_rows(10_000, 320_000, 2_000), 500_000);
+        // 4 µs a row: two seconds are 500,000 rows, at once.
+        assert_eq!(chunk_rows(10_000, 10_000, 4_000), 500_000);
+        // Slower rows shrink the next chunk.
+        assert_eq!(chunk_rows(10_000, 500_000, 40_000), 50_000);
         // Fast rows stop at the cap; slow ones never go below batch_size.
         assert_eq!(chunk_rows(10_000, 800_000, 10), MAX_CHUNK_ROWS);
         assert_eq!(chunk_rows(10_000, 40_000, 1_000_000), 10_000);

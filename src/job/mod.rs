@@ -27,7 +27,7 @@ use crate::sink::{self, SinkError};
 use crate::source::{self, notify};
 pub use crate::state::Tally;
 use crate::state::{StateError, Store};
-use crate::view::range::{Bound, Range};
+use crate::view::range::{self, Bound, Range};
 use crate::view::{self, CheckKind, View, ViewError};
 
 mod commands;
@@ -141,6 +141,9 @@ struct Session<D = Warehouse> {
     limiter: Option<Arc<Limiter>>,
     /// The job's progress: whatever commits rows of a load adds them here.
     progress: Arc<crate::progress::Progress>,
+    /// About how many rows the main table holds (statistics), read when the session opens:
+    /// which batches are a large part of it (`range::wide`).
+    table_rows: Option<u64>,
 }
 
 impl<D: Dwh> Session<D> {
@@ -247,6 +250,9 @@ impl Context {
             return Err(JobError::NotInstalled);
         }
         let target = dwh.prepare_target(&view).await?;
+        let table_rows = source::table_rows(&source, &view)
+            .await
+            .map_err(JobError::Source)?;
         Ok(Session {
             source,
             dwh,
@@ -257,6 +263,7 @@ impl Context {
             },
             limiter: job.max_rows_per_sec.map(|r| Arc::new(Limiter::new(r))),
             progress: self.metrics.progress(&job.name),
+            table_rows,
         })
     }
 
@@ -392,6 +399,7 @@ impl Context {
         let bound = Range::Cursor {
             lo: lo.as_deref(),
             hi: Some(&hi),
+            wide: range::wide(rows, s.table_rows),
         }
         .bind(&s.view, "b");
         let mut next = pos.clone();

@@ -203,7 +203,8 @@ pub async fn horizon(client: &Client) -> Result<Horizon, tokio_postgres::Error> 
     Ok(read_horizon(&row, 0, row.get(5)))
 }
 
-/// The last cursor value of the next batch after `lo` (up to `hi`), or `None` when no rows remain.
+/// The last cursor value of the next batch: the `limit`-th main-table row past `lo` (and up
+/// to `hi`), else the last one there; `None` when there is none.
 pub async fn batch_bound(
     tx: &Transaction<'_>,
     view: &View,
@@ -211,18 +212,23 @@ pub async fn batch_bound(
     hi: Option<&[String]>,
     limit: i64,
 ) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
+    let mut params: Vec<&(dyn ToSql + Sync)> = lo
+        .into_iter()
+        .chain(hi)
+        .flatten()
+        .map(|v| v as &(dyn ToSql + Sync))
+        .collect();
+    let offset = (limit - 1).max(0);
+    params.push(&offset);
     let q = sql::batch_bound(view, lo.is_some(), hi.is_some());
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    for v in lo.into_iter().chain(hi).flatten() {
-        params.push(v);
+    if let Some(row) = tx.query_opt(&q, &params).await? {
+        return Ok(Some(cursor_text(view, &row)));
     }
-    params.push(&limit);
+    // Fewer rows are left than a whole batch: it ends at the last one.
+    params.pop();
+    let q = sql::last_cursor(view, lo.is_some(), hi.is_some());
     let row = tx.query_opt(&q, &params).await?;
-    Ok(row.map(|r| {
-        (0..view.cursor.len())
-            .map(|i| r.get::<_, String>(i))
-            .collect()
-    }))
+    Ok(row.map(|r| cursor_text(view, &r)))
 }
 
 /// The cursor of the newest main-table row past `lo`, `None` when there is none.
@@ -231,18 +237,21 @@ pub async fn last_cursor(
     view: &View,
     lo: Option<&[String]>,
 ) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
-    let q = sql::last_cursor(view, lo.is_some());
+    let q = sql::last_cursor(view, lo.is_some(), false);
     let params: Vec<&(dyn ToSql + Sync)> = lo
         .into_iter()
         .flatten()
         .map(|v| v as &(dyn ToSql + Sync))
         .collect();
     let row = client.query_opt(&q, &params).await?;
-    Ok(row.map(|r| {
-        (0..view.cursor.len())
-            .map(|i| r.get::<_, String>(i))
-            .collect()
-    }))
+    Ok(row.map(|r| cursor_text(view, &r)))
+}
+
+/// A row of cursor values as text.
+fn cursor_text(view: &View, row: &tokio_postgres::Row) -> Vec<String> {
+    (0..view.cursor.len())
+        .map(|i| row.get::<_, String>(i))
+        .collect()
 }
 
 /// Bound the statements of the transaction `tx` (one batch) to `limit`, so that a batch
@@ -290,26 +299,12 @@ pub async fn estimate(
     hi: Option<&[String]>,
 ) -> Result<Option<u64>, tokio_postgres::Error> {
     if lo.is_none() && hi.is_none() {
-        let main = &view.job.from.name;
-        let row = client
-            .query_one(
-                "select c.reltuples::float8, c.relpages::int8, pg_relation_size(c.oid),
-                        c.relkind in ('r', 'm'), current_setting('block_size')::int8
-                 from pg_class c where c.oid = $1::text::regclass",
-                &[&crate::pg::quote_qualified(&main.schema, &main.name)],
-            )
-            .await?;
-        let (tuples, pages, bytes, plain, block): (f64, i64, i64, bool, i64) =
-            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-        // A partitioned or foreign table has no size or statistics of its own here.
-        if plain {
-            if tuples > 0.0 && pages > 0 {
-                let now = (bytes / block.max(1)) as f64;
-                return Ok(Some((tuples / pages as f64 * now).round() as u64));
-            }
-            if bytes <= COUNT_MAX_BYTES {
+        match table_stats(client, view).await? {
+            Stats::Rows(n) => return Ok(Some(n)),
+            Stats::None { bytes } if bytes <= COUNT_MAX_BYTES => {
                 return Ok(Some(count(client, view, None, None).await?.max(0) as u64));
             }
+            _ => {}
         }
     }
     let q = sql::estimate_range(view, lo.is_some(), hi.is_some());
@@ -324,6 +319,51 @@ pub async fn estimate(
         .as_f64()
         .filter(|n| n.is_finite() && *n >= 0.0)
         .map(|n| n.round() as u64))
+}
+
+/// What the statistics say about the size of a main table.
+enum Stats {
+    /// About this many rows (`pg_class.reltuples`, scaled to the table's size now as the
+    /// planner does).
+    Rows(u64),
+    /// Nothing (never vacuumed or analyzed): the table's size in bytes.
+    None { bytes: i64 },
+    /// A partitioned or foreign table: no size or statistics of its own here.
+    Unknown,
+}
+
+async fn table_stats(client: &Client, view: &View) -> Result<Stats, tokio_postgres::Error> {
+    let main = &view.job.from.name;
+    let row = client
+        .query_one(
+            "select c.reltuples::float8, c.relpages::int8, pg_relation_size(c.oid),
+                    c.relkind in ('r', 'm'), current_setting('block_size')::int8
+             from pg_class c where c.oid = $1::text::regclass",
+            &[&crate::pg::quote_qualified(&main.schema, &main.name)],
+        )
+        .await?;
+    let (tuples, pages, bytes, plain, block): (f64, i64, i64, bool, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    Ok(if !plain {
+        Stats::Unknown
+    } else if tuples > 0.0 && pages > 0 {
+        let now = (bytes / block.max(1)) as f64;
+        Stats::Rows((tuples / pages as f64 * now).round() as u64)
+    } else {
+        Stats::None { bytes }
+    })
+}
+
+/// About how many rows the main table holds by its statistics, at the cost of one catalog
+/// read; `None` when they say nothing.
+pub async fn table_rows(
+    client: &Client,
+    view: &View,
+) -> Result<Option<u64>, tokio_postgres::Error> {
+    Ok(match table_stats(client, view).await? {
+        Stats::Rows(n) => Some(n),
+        _ => None,
+    })
 }
 
 /// Set the view's own settings plus `extra` (range bounds) for this transaction.

@@ -275,6 +275,7 @@ pub(super) async fn by_range(
         let b = Rows::Cursor {
             lo: lo.as_deref(),
             hi: Some(&hi),
+            wide: false,
         }
         .bind(&plan.view, "vb");
         let mut settings = plan.settings.clone();

@@ -133,6 +133,7 @@ impl Scope {
             let b = Rows::Cursor {
                 lo: from.as_deref(),
                 hi: to.as_deref(),
+                wide: false,
             }
             .bind(view, "vr");
             parts.push(b.predicate);
@@ -145,6 +146,8 @@ impl Scope {
                 let b = Rows::Cursor {
                     lo: None,
                     hi: Some(w),
+                    // Up to the watermark: most of the table, as a rule.
+                    wide: true,
                 }
                 .bind(view, "vm");
                 parts.push(b.predicate);

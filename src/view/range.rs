@@ -11,13 +11,24 @@ use crate::view::resolve::text_array;
 use super::sql::{column, cursor_between, in_arrays, SETTING_PREFIX};
 use super::{Setting, View};
 
+/// Whether a read of about `rows` rows of a main table of about `table_rows` is a large part
+/// of it: the planner reads a quarter of a table or more by scanning it whole.
+pub fn wide(rows: i64, table_rows: Option<u64>) -> bool {
+    table_rows.is_some_and(|t| rows.max(0) as u64 >= t / 4)
+}
+
 /// A set of main-table rows.
 #[derive(Debug, Clone, Copy)]
 pub enum Range<'a> {
-    /// Rows whose cursor lies in `(lo, hi]`; a missing bound is open.
+    /// Rows whose cursor lies in `(lo, hi]`; a missing bound is open. A `wide` range (a
+    /// large part of the table, see [`wide`]) reads its values once per statement (scalar
+    /// subqueries): the planner scans the table for it, and would otherwise evaluate each
+    /// `current_setting` and its cast for every row. A narrow one keeps its values where the
+    /// planner's estimates see them, which choose the cursor's index for it.
     Cursor {
         lo: Option<&'a [String]>,
         hi: Option<&'a [String]>,
+        wide: bool,
     },
     /// The rows open recheck windows re-read: in a window's cursor range, and written by a
     /// transaction the window's snapshot may not have seen (`xmin` at or above its floor, or
@@ -92,9 +103,9 @@ impl Range<'_> {
         };
         let predicate = match *self {
             Range::All => "true".to_string(),
-            Range::Cursor { lo, hi } => {
-                let lo = lo.map(|v| cursor_values(view, v, |i, s| set(format!("lo{i}"), s)));
-                let hi = hi.map(|v| cursor_values(view, v, |i, s| set(format!("hi{i}"), s)));
+            Range::Cursor { lo, hi, wide } => {
+                let lo = lo.map(|v| cursor_values(view, v, wide, |i, s| set(format!("lo{i}"), s)));
+                let hi = hi.map(|v| cursor_values(view, v, wide, |i, s| set(format!("hi{i}"), s)));
                 all_of(cursor_between(view, lo.as_deref(), hi.as_deref()))
             }
             Range::Windows(windows) => {
@@ -103,12 +114,12 @@ impl Range<'_> {
                     .iter()
                     .enumerate()
                     .map(|(w, window)| {
-                        let lo = window
-                            .lo
-                            .as_deref()
-                            .map(|v| cursor_values(view, v, |i, s| set(format!("w{w}lo{i}"), s)));
-                        let hi =
-                            cursor_values(view, &window.hi, |i, s| set(format!("w{w}hi{i}"), s));
+                        let lo = window.lo.as_deref().map(|v| {
+                            cursor_values(view, v, false, |i, s| set(format!("w{w}lo{i}"), s))
+                        });
+                        let hi = cursor_values(view, &window.hi, false, |i, s| {
+                            set(format!("w{w}hi{i}"), s)
+                        });
                         let floor = set(format!("w{w}floor"), window.floor_xid());
                         let xids = set(format!("w{w}xids"), window.xids_literal());
                         // The xmin test first, its values read once (scalar subqueries): it
@@ -155,10 +166,11 @@ impl Range<'_> {
 }
 
 /// A row of cursor values, each bound through `bind(i, value)` (which returns the expression
-/// that reads it) and cast to its cursor column's type.
+/// that reads it) and cast to its cursor column's type; with `once`, read once per statement.
 fn cursor_values(
     view: &View,
     values: &[String],
+    once: bool,
     mut bind: impl FnMut(usize, String) -> String,
 ) -> String {
     let vals: Vec<String> = view
@@ -166,7 +178,14 @@ fn cursor_values(
         .iter()
         .zip(values)
         .enumerate()
-        .map(|(i, (c, v))| format!("{}::{}", bind(i, v.clone()), c.sql_type))
+        .map(|(i, (c, v))| {
+            let value = format!("{}::{}", bind(i, v.clone()), c.sql_type);
+            if once {
+                format!("(select {value})")
+            } else {
+                value
+            }
+        })
         .collect();
     format!("({})", vals.join(", "))
 }

@@ -87,39 +87,41 @@ fn param_row(view: &View, first: usize) -> String {
     format!("({})", vals.join(", "))
 }
 
-/// The cursor value of the newest main-table row past `lo` (its values as text are the
-/// parameters, when `has_lo`): where a load ends.
-pub fn last_cursor(view: &View, has_lo: bool) -> String {
-    let main = &view.job.from;
+/// The cursor value of the newest main-table row past `lo` (and up to `hi`): where a load
+/// ends, and the last batch of a run. Parameters: the lower bound's values as text (when
+/// `has_lo`), then the upper bound's (when `has_hi`).
+pub fn last_cursor(view: &View, has_lo: bool, has_hi: bool) -> String {
     let n = view.cursor.len();
-    let cols: Vec<String> = view
-        .cursor
-        .iter()
-        .map(|c| column(&main.alias, &c.name))
-        .collect();
-    let text: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
-    let desc: Vec<String> = cols.iter().map(|c| format!("{c} desc")).collect();
-    let lo = has_lo.then(|| param_row(view, 1));
-    let preds = cursor_between(view, lo.as_deref(), None);
-    let pred = if preds.is_empty() {
-        String::new()
-    } else {
-        format!(" where {}", preds.join(" and "))
-    };
     debug_assert!(n > 0);
-    format!(
-        "select {} from {} as {}{pred} order by {} limit 1",
-        text.join(", "),
-        quote_qualified(&main.name.schema, &main.name.name),
-        quote_ident(&main.alias),
-        desc.join(", ")
+    let desc: Vec<String> = (0..n).map(|i| format!("c{i} desc")).collect();
+    keyset(
+        view,
+        has_lo,
+        has_hi,
+        &format!("order by {} limit 1", desc.join(", ")),
     )
 }
 
-/// The last cursor value of the next batch: at most `limit` main-table rows past `lo` (and
-/// up to `hi`). Parameters: the lower bound's values as text (when `has_lo`), the upper
-/// bound's (when `has_hi`), then the limit.
+/// The last cursor value of the next batch when it is a whole one: the cursor of the
+/// `offset + 1`-th main-table row past `lo` (and up to `hi`), found by walking the cursor's
+/// index, none when fewer rows are left (then `last_cursor` gives the batch's end).
+/// Parameters: the lower bound's values as text (when `has_lo`), the upper bound's (when
+/// `has_hi`), then the offset.
 pub fn batch_bound(view: &View, has_lo: bool, has_hi: bool) -> String {
+    let n = view.cursor.len();
+    let order: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    let offset = 1 + n * (usize::from(has_lo) + usize::from(has_hi));
+    keyset(
+        view,
+        has_lo,
+        has_hi,
+        &format!("order by {} offset ${offset} limit 1", order.join(", ")),
+    )
+}
+
+/// One main-table row's cursor values as text, picked by `tail` (an order and a limit over
+/// the cursor columns `c0..`) from the rows in `(lo, hi]`.
+fn keyset(view: &View, has_lo: bool, has_hi: bool, tail: &str) -> String {
     let main = &view.job.from;
     let n = view.cursor.len();
     let inner_cols: Vec<String> = view
@@ -128,14 +130,11 @@ pub fn batch_bound(view: &View, has_lo: bool, has_hi: bool) -> String {
         .enumerate()
         .map(|(i, c)| format!("{} as c{i}", column(&main.alias, &c.name)))
         .collect();
-    let order: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
-    let desc: Vec<String> = order.iter().map(|c| format!("{c} desc")).collect();
-    // The text casts apply to the one row kept, not to every row sorted (a timestamp's costs
-    // about as much as reading its index entry).
+    // The text casts apply to the one row kept, not to every row walked past (a timestamp's
+    // costs about as much as reading its index entry).
     let text: Vec<String> = (0..n).map(|i| format!("c{i}::text as t{i}")).collect();
     let lo = has_lo.then(|| param_row(view, 1));
     let hi = has_hi.then(|| param_row(view, if has_lo { n + 1 } else { 1 }));
-    let next = 1 + n * (usize::from(has_lo) + usize::from(has_hi));
     let preds = cursor_between(view, lo.as_deref(), hi.as_deref());
     let pred = if preds.is_empty() {
         String::new()
@@ -143,15 +142,11 @@ pub fn batch_bound(view: &View, has_lo: bool, has_hi: bool) -> String {
         format!(" where {}", preds.join(" and "))
     };
     format!(
-        "select {} from (select {} from (select {} from {} as {}{pred} order by {} limit ${next}) b \
-         order by {} limit 1) l",
+        "select {} from (select {} from {} as {}{pred} {tail}) b",
         text.join(", "),
-        order.join(", "),
         inner_cols.join(", "),
         quote_qualified(&main.name.schema, &main.name.name),
         quote_ident(&main.alias),
-        order.join(", "),
-        desc.join(", ")
     )
 }
 
@@ -370,11 +365,12 @@ mod tests {
         let v = view();
         assert_eq!(
             batch_bound(&v, true, false),
-            "select c0::text as t0, c1::text as t1 from (select c0, c1 from (select \"o\".\"updated at\" as c0, \"o\".\"id\" as c1 from \"Sales\".\"Order\"\"s\" as \"o\" \
+            "select c0::text as t0, c1::text as t1 from (select \"o\".\"updated at\" as c0, \"o\".\"id\" as c1 from \"Sales\".\"Order\"\"s\" as \"o\" \
              where (\"o\".\"updated at\", \"o\".\"id\") > ($1::text::timestamp with time zone, $2::text::bigint) \
-             order by c0, c1 limit $3) b order by c0 desc, c1 desc limit 1) l"
+             order by c0, c1 offset $3 limit 1) b"
         );
-        assert!(batch_bound(&v, false, false).contains("limit $1)"));
+        assert!(batch_bound(&v, false, false).contains("offset $1 limit 1)"));
+        assert!(last_cursor(&v, true, true).contains("<= ($3::text::timestamp with time zone, $4::text::bigint) order by c0 desc, c1 desc limit 1)"));
         assert!(!batch_bound(&v, false, false).contains("where"));
     }
 
@@ -388,6 +384,7 @@ mod tests {
         let bound = Range::Cursor {
             lo: Some(&lo),
             hi: Some(&hi),
+            wide: false,
         }
         .bind(&v, "b");
         let sql = copy_out(&v, &bound.predicate);
@@ -413,6 +410,39 @@ mod tests {
                 ("bhi1", "9")
             ]
         );
+    }
+
+    #[test]
+    fn wide_ranges_read_their_bounds_once_per_statement() {
+        let v = view();
+        let (lo, hi) = (
+            vec!["2025-01-01".to_string(), "5".to_string()],
+            vec!["2025-01-02".to_string(), "9".to_string()],
+        );
+        let wide = Range::Cursor {
+            lo: Some(&lo),
+            hi: Some(&hi),
+            wide: true,
+        }
+        .bind(&v, "b");
+        assert_eq!(
+            wide.predicate,
+            "(\"o\".\"updated at\", \"o\".\"id\") > ((select current_setting('pgtide.blo0')::timestamp with time zone), (select current_setting('pgtide.blo1')::bigint)) \
+             and (\"o\".\"updated at\", \"o\".\"id\") <= ((select current_setting('pgtide.bhi0')::timestamp with time zone), (select current_setting('pgtide.bhi1')::bigint))"
+        );
+        let narrow = Range::Cursor {
+            lo: Some(&lo),
+            hi: Some(&hi),
+            wide: false,
+        }
+        .bind(&v, "b");
+        // The same values, bound the same way.
+        assert_eq!(wide.settings, narrow.settings);
+        assert!(!narrow.predicate.contains("select"), "{}", narrow.predicate);
+        // A quarter of the table or more is wide; without statistics nothing is.
+        assert!(crate::view::range::wide(250, Some(1000)));
+        assert!(!crate::view::range::wide(249, Some(1000)));
+        assert!(!crate::view::range::wide(1_000_000, None));
     }
 
     #[test]
