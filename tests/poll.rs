@@ -914,3 +914,49 @@ async fn a_null_key_is_named_with_its_row() {
         "the failed batch left nothing behind"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_with_a_null_in_the_watermark_are_never_read() {
+    let env = Env::new().await;
+    // The newest row's timestamp is NULL: a load that looked for its end by walking the
+    // cursor backwards would meet it first.
+    env.src
+        .batch_execute(
+            "create table events (id bigint primary key, at timestamptz);
+             insert into events
+             select g, case when g % 5 = 0 then null
+                            else '2025-01-01'::timestamptz + g * interval '1 second' end
+             from generate_series(1, 100) g;
+             insert into events values (101, null);",
+        )
+        .await
+        .unwrap();
+    env.job(
+        "events",
+        r#"
+    interval_secs = 60
+    batch_size = 10
+    key = ["id"]
+    watermark = ["at", "id"]
+    [from]
+    table = "public.events"
+    [[column]]
+    name = "id"
+    from = "events.id"
+    [[column]]
+    name = "at"
+    from = "events.at"
+"#,
+    );
+    let out = env.pgtide(&["run-once"]).await.ok();
+    assert_eq!(out.rows_new(), 80, "{}", out.stdout());
+    assert_eq!(Env::count(&env.dwh, "dw.events where at is null").await, 0);
+    assert_eq!(Env::count(&env.dwh, "dw.events").await, 80);
+    // A replay of everything reads the same rows.
+    let out = env.pgtide(&["replay", "events"]).await.ok();
+    assert!(
+        out.stdout().contains("replayed 80 rows"),
+        "{}",
+        out.stdout()
+    );
+}

@@ -45,9 +45,9 @@ pub(super) fn chunk_rows(batch_size: i64, last: i64, ns_per_row: u64) -> i64 {
 
 /// A chunk handed to the workers, and whether it is a large part of the table
 /// (`range::wide`).
-struct Planned {
-    chunk: Chunk,
-    wide: bool,
+pub(super) struct Planned {
+    pub(super) chunk: Chunk,
+    pub(super) wide: bool,
 }
 
 /// A load under way.
@@ -130,7 +130,9 @@ impl Context {
         limiter: Option<Arc<Limiter>>,
     ) -> Load {
         let workers = view.job.parallel.max(1);
-        let (chunks_tx, chunks_rx) = mpsc::channel::<Planned>(workers);
+        // One chunk waits for the next free worker: the planner cuts each chunk when a worker
+        // has taken the one before, at the speed known then.
+        let (chunks_tx, chunks_rx) = mpsc::channel::<Planned>(1);
         let chunks_rx = Arc::new(Mutex::new(chunks_rx));
         let (done_tx, done_rx) = mpsc::channel(workers * 2);
         let stop = Arc::new(AtomicBool::new(false));
@@ -190,8 +192,9 @@ impl Context {
         }
     }
 
-    /// Cut the load's range into chunks and hand them out, in cursor order.
-    async fn plan(
+    /// Cut the load's range into chunks and hand them out, in cursor order: chunks that tile
+    /// it, the last one reaching its end.
+    pub(super) async fn plan(
         &self,
         view: &View,
         reach: Reach,
@@ -208,15 +211,14 @@ impl Context {
             Reach::Replay { lo, to } => (lo, to, None),
             Reach::Position(shared) => {
                 let (lo, end, again) = {
-                    let mut p = shared.lock().await;
-                    let again = p.reopen_chunks();
+                    let p = shared.lock().await;
                     let load = p.load.as_ref().expect("a load in progress");
-                    (load.frontier.clone(), load.end.clone(), again)
+                    (load.frontier.clone(), load.end.clone(), p.reopen_chunks())
                 };
-                // Chunks handed out before a crash and never finished: read again first.
-                for c in again {
-                    let chunk = shared.lock().await.open_chunk(c.lo, c.hi);
-                    // Its size is not known: its values are kept in the planner's sight.
+                // Chunks handed out before a crash and never finished: read again first (they
+                // stay open in the position until done). Their size is not known: their
+                // values are kept in the planner's sight.
+                for chunk in again {
                     let planned = Planned { chunk, wide: false };
                     if chunks.send(planned).await.is_err() {
                         return Ok(());
@@ -235,13 +237,33 @@ impl Context {
                 return Ok(());
             };
             rows = chunk_rows(view.job.batch_size, rows, speed.load(Ordering::Relaxed));
-            let hi = {
+            let (hi, last) = {
                 let tx = source.transaction().await.map_err(JobError::Source)?;
-                source::batch_bound(&tx, view, lo.as_deref(), end.as_deref(), rows)
+                source::time_limit(&tx, view.job.batch_timeout)
                     .await
-                    .map_err(JobError::Source)?
+                    .map_err(JobError::Source)?;
+                let nth = source::nth_cursor(&tx, view, lo.as_deref(), end.as_deref(), rows)
+                    .await
+                    .map_err(JobError::Source)?;
+                match (nth, &end) {
+                    (Some(hi), _) => (hi, false),
+                    // Fewer rows are left: the last chunk reaches the end of the range,
+                    // whatever was deleted or moved meanwhile, so the chunks tile it and a row
+                    // that commits into it later is in a chunk's snapshot or its window.
+                    (None, Some(end)) if lo.as_ref() != Some(end) => (end.clone(), true),
+                    (None, Some(_)) => break,
+                    // A replay up to the newest row: up to the newest one now.
+                    (None, None) => {
+                        match source::batch_bound(&tx, view, lo.as_deref(), None, rows)
+                            .await
+                            .map_err(JobError::Source)?
+                        {
+                            Some(hi) => (hi, true),
+                            None => break,
+                        }
+                    }
+                }
             };
-            let Some(hi) = hi else { break };
             let chunk = match &shared {
                 Some(shared) => {
                     let mut p = shared.lock().await;
@@ -263,6 +285,9 @@ impl Context {
                 wide: range::wide(rows, table_rows),
             });
             lo = Some(hi);
+            if last {
+                break;
+            }
         }
         if let Some(shared) = shared {
             shared.lock().await.finish_planning();
@@ -298,6 +323,10 @@ impl Context {
             let Some(Planned { chunk, wide }) = chunks.lock().await.recv().await else {
                 return Ok(());
             };
+            if stop.load(Ordering::SeqCst) {
+                // Stopping: the chunk stays open in the position, for the next run.
+                return Ok(());
+            }
             let started = std::time::Instant::now();
             let (tx, mut snap) = source::begin(&mut source).await.map_err(JobError::Source)?;
             if job.parallel > 1 {

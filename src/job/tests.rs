@@ -330,3 +330,63 @@ async fn a_split_that_meets_a_fresh_key_in_the_target_stages_that_batch_and_the_
     let marks: Vec<_> = log.positions.iter().map(|p| p.watermark.clone()).collect();
     assert_eq!(marks.last().unwrap(), &Some(vec!["25".to_string()]));
 }
+
+/// The chunks a load's planner hands out for a load of `(watermark, end]` begun when the
+/// newest row was `end`, as `(lo, hi)` of the first cursor column.
+async fn planned(f: &Fixture, watermark: Option<&str>, end: &str) -> Vec<(Option<String>, String)> {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    let source = f.ctx.connect_source(&f.job).await.unwrap();
+    let view = view::resolve(&source, &f.job).await.unwrap();
+    let mut pos = Position {
+        watermark: watermark.map(|w| vec![w.to_string()]),
+        ..Position::default()
+    };
+    pos.begin_load(vec![end.to_string()]);
+    let shared = Arc::new(tokio::sync::Mutex::new(pos));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let (stop, speed) = (AtomicBool::new(false), AtomicU64::new(0));
+    let plan = f.ctx.plan(
+        &view,
+        load::Reach::Position(shared.clone()),
+        tx,
+        &stop,
+        &speed,
+    );
+    let take = async {
+        let mut got = Vec::new();
+        while let Some(p) = rx.recv().await {
+            let p: load::Planned = p;
+            got.push((p.chunk.lo.map(|v| v[0].clone()), p.chunk.hi[0].clone()));
+        }
+        got
+    };
+    let (planned, got) = tokio::join!(plan, take);
+    planned.unwrap();
+    got
+}
+
+#[tokio::test]
+async fn a_loads_chunks_reach_its_end_when_its_newest_rows_are_gone() {
+    // Rows 1 to 25; the load began when the newest row was 30. A row that commits into
+    // (25, 30] later must be in a chunk's range, so the chunks tile the whole load.
+    let f = fixture(25, 10).await;
+    let s = |v: &str| v.to_string();
+    assert_eq!(
+        planned(&f, None, "30").await,
+        vec![
+            (None, s("10")),
+            (Some(s("10")), s("20")),
+            (Some(s("20")), s("30"))
+        ]
+    );
+    // Nothing is left past the watermark: one chunk up to the end all the same.
+    assert_eq!(
+        planned(&f, Some("25"), "30").await,
+        vec![(Some(s("25")), s("30"))]
+    );
+    // The last whole chunk ends at the end: nothing more.
+    assert_eq!(
+        planned(&f, Some("10"), "20").await,
+        vec![(Some(s("10")), s("20"))]
+    );
+}

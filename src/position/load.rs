@@ -81,12 +81,12 @@ impl Position {
         self.seq += 1;
     }
 
-    /// The chunks a resumed load must read again (handed out, never done), and forget them;
-    /// they are handed out anew.
-    pub fn reopen_chunks(&mut self) -> Vec<Chunk> {
+    /// The chunks a resumed load must read again (handed out, never done). They stay open,
+    /// in their plan order, until done: every position stored meanwhile still has them.
+    pub fn reopen_chunks(&self) -> Vec<Chunk> {
         self.load
-            .as_mut()
-            .map(|l| std::mem::take(&mut l.open))
+            .as_ref()
+            .map(|l| l.open.clone())
             .unwrap_or_default()
     }
 

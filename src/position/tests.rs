@@ -478,7 +478,11 @@ fn a_resumed_load_reads_its_open_chunks_again_and_plans_on_from_its_frontier() {
         Some(v("600")),
         "planning goes on after the last chunk handed out"
     );
-    let c1 = resumed.open_chunk(again[0].lo.clone(), again[0].hi.clone());
+    assert_eq!(
+        load.open,
+        vec![c1.clone()],
+        "open until done: a position stored before it is read again still has it"
+    );
     let c3 = resumed.open_chunk(Some(v("600")), v("900"));
     resumed.advance_frontier(v("900"));
     assert!(!resumed.finish_planning());

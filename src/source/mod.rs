@@ -212,23 +212,43 @@ pub async fn batch_bound(
     hi: Option<&[String]>,
     limit: i64,
 ) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
-    let mut params: Vec<&(dyn ToSql + Sync)> = lo
-        .into_iter()
-        .chain(hi)
-        .flatten()
-        .map(|v| v as &(dyn ToSql + Sync))
-        .collect();
-    let offset = (limit - 1).max(0);
-    params.push(&offset);
-    let q = sql::batch_bound(view, lo.is_some(), hi.is_some());
-    if let Some(row) = tx.query_opt(&q, &params).await? {
-        return Ok(Some(cursor_text(view, &row)));
+    if let Some(nth) = nth_cursor(tx, view, lo, hi, limit).await? {
+        return Ok(Some(nth));
     }
     // Fewer rows are left than a whole batch: it ends at the last one.
-    params.pop();
+    let params = bound_params(lo, hi);
     let q = sql::last_cursor(view, lo.is_some(), hi.is_some());
     let row = tx.query_opt(&q, &params).await?;
     Ok(row.map(|r| cursor_text(view, &r)))
+}
+
+/// The cursor of the `n`-th main-table row past `lo` (and up to `hi`); `None` when fewer rows
+/// are there.
+pub async fn nth_cursor(
+    tx: &Transaction<'_>,
+    view: &View,
+    lo: Option<&[String]>,
+    hi: Option<&[String]>,
+    n: i64,
+) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
+    let mut params = bound_params(lo, hi);
+    let offset = (n - 1).max(0);
+    params.push(&offset);
+    let q = sql::batch_bound(view, lo.is_some(), hi.is_some());
+    let row = tx.query_opt(&q, &params).await?;
+    Ok(row.map(|r| cursor_text(view, &r)))
+}
+
+/// The values of the bounds given, as parameters.
+fn bound_params<'a>(
+    lo: Option<&'a [String]>,
+    hi: Option<&'a [String]>,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    lo.into_iter()
+        .chain(hi)
+        .flatten()
+        .map(|v| v as &(dyn ToSql + Sync))
+        .collect()
 }
 
 /// The cursor of the newest main-table row past `lo`, `None` when there is none.
@@ -238,12 +258,7 @@ pub async fn last_cursor(
     lo: Option<&[String]>,
 ) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
     let q = sql::last_cursor(view, lo.is_some(), false);
-    let params: Vec<&(dyn ToSql + Sync)> = lo
-        .into_iter()
-        .flatten()
-        .map(|v| v as &(dyn ToSql + Sync))
-        .collect();
-    let row = client.query_opt(&q, &params).await?;
+    let row = client.query_opt(&q, &bound_params(lo, None)).await?;
     Ok(row.map(|r| cursor_text(view, &r)))
 }
 

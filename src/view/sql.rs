@@ -135,18 +135,20 @@ fn keyset(view: &View, has_lo: bool, has_hi: bool, tail: &str) -> String {
     let text: Vec<String> = (0..n).map(|i| format!("c{i}::text as t{i}")).collect();
     let lo = has_lo.then(|| param_row(view, 1));
     let hi = has_hi.then(|| param_row(view, if has_lo { n + 1 } else { 1 }));
-    let preds = cursor_between(view, lo.as_deref(), hi.as_deref());
-    let pred = if preds.is_empty() {
-        String::new()
-    } else {
-        format!(" where {}", preds.join(" and "))
-    };
+    let mut preds = cursor_between(view, lo.as_deref(), hi.as_deref());
+    // Rows with a NULL in the cursor are never read; a descending walk would meet them first.
+    preds.extend(
+        view.cursor
+            .iter()
+            .map(|c| format!("{} is not null", column(&main.alias, &c.name))),
+    );
     format!(
-        "select {} from (select {} from {} as {}{pred} {tail}) b",
+        "select {} from (select {} from {} as {} where {} {tail}) b",
         text.join(", "),
         inner_cols.join(", "),
         quote_qualified(&main.name.schema, &main.name.name),
         quote_ident(&main.alias),
+        preds.join(" and "),
     )
 }
 
@@ -367,11 +369,22 @@ mod tests {
             batch_bound(&v, true, false),
             "select c0::text as t0, c1::text as t1 from (select \"o\".\"updated at\" as c0, \"o\".\"id\" as c1 from \"Sales\".\"Order\"\"s\" as \"o\" \
              where (\"o\".\"updated at\", \"o\".\"id\") > ($1::text::timestamp with time zone, $2::text::bigint) \
+             and \"o\".\"updated at\" is not null and \"o\".\"id\" is not null \
              order by c0, c1 offset $3 limit 1) b"
         );
         assert!(batch_bound(&v, false, false).contains("offset $1 limit 1)"));
-        assert!(last_cursor(&v, true, true).contains("<= ($3::text::timestamp with time zone, $4::text::bigint) order by c0 desc, c1 desc limit 1)"));
-        assert!(!batch_bound(&v, false, false).contains("where"));
+        let last = last_cursor(&v, true, true);
+        assert!(
+            last.contains("<= ($3::text::timestamp with time zone, $4::text::bigint) and"),
+            "{last}"
+        );
+        assert!(
+            last.ends_with("\"o\".\"id\" is not null order by c0 desc, c1 desc limit 1) b"),
+            "{last}"
+        );
+        assert!(
+            batch_bound(&v, false, false).contains(" where \"o\".\"updated at\" is not null and")
+        );
     }
 
     #[test]
