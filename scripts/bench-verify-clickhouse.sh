@@ -27,7 +27,6 @@ trap 'stop_bench_clickhouse; stop_bench_cluster' EXIT
 start_bench_clickhouse
 work=$WORK
 port=$PORT
-now() { date +%s.%N; }
 ch --query "create database bench"
 
 bench_orders "$ROWS"
@@ -39,40 +38,14 @@ url = "postgres://postgres@127.0.0.1:$port/src"
 [dwh]
 url = "clickhouse://127.0.0.1:$CH_HTTP/bench"
 TOML
-columns=""
-for c in id customer_id status quantity amount payload created_at updated_at; do
-  columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
-done
-printf 'interval_secs = 60\nbatch_size = %s\ntarget = "orders_pgtide"\nkey = ["id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' "$BATCH" "$columns" > "$work/cfg/jobs/plain.toml"
+bench_plain_job "$work/cfg" "$BATCH"
 echo "loading the job..."
 "$PGTIDE" --config "$work/cfg/pgtide.toml" run-once plain >/dev/null
 ch --query "optimize table bench.orders_pgtide final"
 psql -d src -c checkpoint >/dev/null
 
-# measure NAME EXPECTED_EXIT STDOUT_FILE COMMAND... : appends "NAME seconds peak_kib" to results
-measure() {
-  local name=$1 want=$2 out=$3 t0 t1 code
-  shift 3
-  t0=$(now)
-  set +e
-  /usr/bin/time -v -o "$work/time" "$@" >"$out" 2>"$work/stderr"
-  code=$?
-  set -e
-  t1=$(now)
-  if [ "$code" != "$want" ]; then
-    echo "$name exited $code, expected $want" >&2
-    cat "$work/stderr" >&2
-    exit 1
-  fi
-  echo "$name $(python3 -c "print($t1 - $t0)") $(awk -F': ' '/Maximum resident set size/ {print $2}' "$work/time")" >>"$work/results"
-}
-: >"$work/results"
-
-# The baseline twice, so both see a warm cache; the second one counts.
-"$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d src -c "copy (select * from orders) to stdout (format binary)" >/dev/null
-measure copy 0 /dev/null "$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d src \
-  -c "copy (select * from orders) to stdout (format binary)"
-measure verify_plain 0 "$work/plain.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
+bench_copy_baseline
+bench_measure verify_plain 0 "$work/plain.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
 
 # 400 rows changed, 400 marked deleted, 200 added, spread over every part of the table, each
 # written as a newer version of its key.
@@ -85,8 +58,8 @@ ch --query "insert into bench.orders_pgtide ($cols, _pgtide_version, _pgtide_del
 ch --query "insert into bench.orders_pgtide ($cols, _pgtide_version, _pgtide_deleted)
      select id + $ROWS, customer_id, status, quantity, amount, payload, created_at, updated_at, _pgtide_version + 1, 0
      from bench.orders_pgtide final where id % 5000 = 3"
-measure verify_damaged 1 "$work/damaged.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
-measure verify_repair 0 "$work/repair.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --repair --json
+bench_measure verify_damaged 1 "$work/damaged.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
+bench_measure verify_repair 0 "$work/repair.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --repair --json
 
 python3 - "$ROWS" "$work" <<'PY'
 import json, sys

@@ -21,8 +21,6 @@ PGTIDE=$PWD/target/release/pgtide
 start_bench_cluster "-c shared_buffers=512MB -c max_wal_size=8GB -c synchronous_commit=off"
 trap stop_bench_cluster EXIT
 work=$WORK
-port=$PORT
-now() { date +%s.%N; }
 
 bench_orders "$ROWS"
 
@@ -33,31 +31,9 @@ echo "loading both jobs..."
 psql -d dwh -c "vacuum analyze" -c checkpoint >/dev/null
 psql -d src -c checkpoint >/dev/null
 
-# measure NAME EXPECTED_EXIT STDOUT_FILE COMMAND... : appends "NAME seconds peak_kib" to results
-measure() {
-  local name=$1 want=$2 out=$3 t0 t1 code
-  shift 3
-  t0=$(now)
-  set +e
-  /usr/bin/time -v -o "$work/time" "$@" >"$out" 2>"$work/stderr"
-  code=$?
-  set -e
-  t1=$(now)
-  if [ "$code" != "$want" ]; then
-    echo "$name exited $code, expected $want" >&2
-    cat "$work/stderr" >&2
-    exit 1
-  fi
-  echo "$name $(python3 -c "print($t1 - $t0)") $(awk -F': ' '/Maximum resident set size/ {print $2}' "$work/time")" >>"$work/results"
-}
-: >"$work/results"
-
-# The baseline twice, so both see a warm cache; the second one counts.
-"$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d src -c "copy (select * from orders) to stdout (format binary)" >/dev/null
-measure copy 0 /dev/null "$BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d src \
-  -c "copy (select * from orders) to stdout (format binary)"
-measure verify_plain 0 "$work/plain.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
-measure verify_mapped 0 "$work/mapped.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify mapped --json
+bench_copy_baseline
+bench_measure verify_plain 0 "$work/plain.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
+bench_measure verify_mapped 0 "$work/mapped.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify mapped --json
 
 # 400 rows deleted, 400 changed, 200 added in the DWH, spread over every part of the table.
 psql -d dwh <<SQL
@@ -66,8 +42,8 @@ update orders_pgtide set amount = amount + 1 where id % 2500 = 2;
 insert into orders_pgtide select id + $ROWS, customer_id, status, quantity, amount, payload, created_at, updated_at
 from orders_pgtide where id % 5000 = 3;
 SQL
-measure verify_damaged 1 "$work/damaged.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
-measure verify_repair 0 "$work/repair.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --repair --json
+bench_measure verify_damaged 1 "$work/damaged.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --json
+bench_measure verify_repair 0 "$work/repair.json" "$PGTIDE" --config "$work/cfg/pgtide.toml" verify plain --repair --json
 
 python3 - "$ROWS" "$work" <<'PY'
 import json, sys

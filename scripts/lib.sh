@@ -229,14 +229,24 @@ url = "postgres://postgres@127.0.0.1:$PORT/dwh"
 TOML
 }
 
-# The bench's two jobs in $1/jobs, with batch_size $2: `plain` (every column as it is, into
-# orders_pgtide) and `mapped` (a value map and two JSON fields, into orders_mapped).
-bench_jobs() {
-  columns=""
+# The [[column]] tables of a job taking every orders column (as `o`) as it is.
+bench_columns() {
+  local c
   for c in id customer_id status quantity amount payload created_at updated_at; do
-    columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
+    printf '[[column]]\nname = "%s"\nfrom = "o.%s"\n' "$c" "$c"
   done
-  printf 'interval_secs = 60\nbatch_size = %s\ntarget = "orders_pgtide"\nkey = ["id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' "$2" "$columns" > "$1/jobs/plain.toml"
+}
+
+# The bench's job `plain` in $1/jobs, with batch_size $2: every column as it is, into
+# orders_pgtide.
+bench_plain_job() {
+  printf 'interval_secs = 60\nbatch_size = %s\ntarget = "orders_pgtide"\nkey = ["id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s\n' "$2" "$(bench_columns)" > "$1/jobs/plain.toml"
+}
+
+# The bench's two jobs in $1/jobs, with batch_size $2: `plain` (bench_plain_job) and `mapped` (a
+# value map and two JSON fields, into orders_mapped).
+bench_jobs() {
+  bench_plain_job "$1" "$2"
   cat > "$1/jobs/mapped.toml" <<TOML
 interval_secs = 60
 batch_size = $2
@@ -275,6 +285,35 @@ from = "o.updated_at"
 TOML
 }
 
+# bench_measure NAME EXPECTED_EXIT STDOUT_FILE COMMAND...: runs COMMAND under /usr/bin/time -v,
+# its stdout into STDOUT_FILE, and appends "NAME seconds peak_kib" to $WORK/results; exits if
+# COMMAND does not exit with EXPECTED_EXIT.
+bench_measure() {
+  local name=$1 want=$2 out=$3 t0 t1 code
+  shift 3
+  t0=$(date +%s.%N)
+  set +e
+  /usr/bin/time -v -o "$WORK/time" "$@" >"$out" 2>"$WORK/stderr"
+  code=$?
+  set -e
+  t1=$(date +%s.%N)
+  if [ "$code" != "$want" ]; then
+    echo "$name exited $code, expected $want" >&2
+    cat "$WORK/stderr" >&2
+    exit 1
+  fi
+  echo "$name $(python3 -c "print($t1 - $t0)") $(awk -F': ' '/Maximum resident set size/ {print $2}' "$WORK/time")" >>"$WORK/results"
+}
+
+# Starts $WORK/results with `copy`, the baseline: src's orders read once by COPY (binary), after
+# a first read so that both see a warm cache.
+bench_copy_baseline() {
+  local copy="copy (select * from orders) to stdout (format binary)"
+  : >"$WORK/results"
+  "$BIN/psql" -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d src -c "$copy" >/dev/null
+  bench_measure copy 0 /dev/null "$BIN/psql" -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d src -c "$copy"
+}
+
 # The daily path (scripts/bench-daily.sh, scripts/bench.sh), after bench_orders and
 # bench_config in $WORK/cfg.
 DAILY_COLS="id, customer_id, status, quantity, amount, payload, created_at, updated_at"
@@ -282,12 +321,8 @@ DAILY_COLS="id, customer_id, status, quantity, amount, payload, created_at, upda
 # Job $1 in $2/jobs: every orders column into table $1, the (updated_at, id) watermark, and
 # default settings but for the extra lines $3 (e.g. "parallel = 4").
 daily_job() {
-  local c columns=""
-  for c in id customer_id status quantity amount payload created_at updated_at; do
-    columns+=$'[[column]]\nname = "'$c$'"\nfrom = "o.'$c$'"\n'
-  done
-  printf 'interval_secs = 60\n%s\ntarget = "%s"\nkey = ["id"]\nwatermark = ["updated_at", "id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s' \
-    "${3:-}" "$1" "$columns" > "$2/jobs/$1.toml"
+  printf 'interval_secs = 60\n%s\ntarget = "%s"\nkey = ["id"]\nwatermark = ["updated_at", "id"]\n[from]\ntable = "public.orders"\nas = "o"\n%s\n' \
+    "${3:-}" "$1" "$(bench_columns)" > "$2/jobs/$1.toml"
 }
 
 # After pgtide loaded table $1 (its job of the same name), orders_script and orders_merge are

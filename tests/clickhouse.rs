@@ -3,44 +3,8 @@
 
 mod support;
 
-use support::clickhouse as ch;
+use support::clickhouse::{self as ch, env, NOTIFY_JOB, ORDERS, POLL_JOB};
 use support::Env;
-
-/// A source with `orders`, and a config whose DWH is a fresh ClickHouse database.
-async fn env() -> (Env, String) {
-    let env = Env::new().await;
-    let db = ch::database().await;
-    let toml = format!(
-        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"{}\"\n",
-        env.src_url,
-        ch::clickhouse_url(&db)
-    );
-    std::fs::write(env.config(), toml).unwrap();
-    (env, db)
-}
-
-const ORDERS: &str = "
-    create table orders (id bigint primary key, amount numeric(10, 2) not null, note text,
-                         updated_at timestamptz not null default now());
-    insert into orders select g, g * 1.5, case when g % 3 = 0 then null else 'n' || g end
-      from generate_series(1, 2500) g;";
-
-const POLL_JOB: &str = r#"
-    interval_secs = 60
-    batch_size = 1000
-    key = ["id"]
-    [from]
-    table = "orders"
-    [[column]]
-    name = "id"
-    from = "orders.id"
-    [[column]]
-    name = "amount"
-    from = "orders.amount"
-    [[column]]
-    name = "note"
-    from = "orders.note"
-    "#;
 
 /// The view as ClickHouse should hold it, one TabSeparated line per row, by id.
 async fn expected(env: &Env) -> String {
@@ -63,6 +27,42 @@ async fn target(db: &str, table: &str, cols: &str) -> String {
         "select {cols} from {db}.{table} final where _pgtide_deleted = 0 order by id format TabSeparated"
     ))
     .await
+}
+
+/// `select count() from DB.FROM` as ClickHouse answers it; `from` is a table, maybe followed by
+/// `final` and a `where` clause.
+async fn count_of(db: &str, from: &str) -> String {
+    ch::query(&format!(
+        "select count() from {db}.{from} format TabSeparated"
+    ))
+    .await
+}
+
+/// Whether table `db.table` exists in ClickHouse.
+async fn exists(db: &str, table: &str) -> bool {
+    ch::query(&format!("exists table {db}.{table} format TabSeparated")).await == "1\n"
+}
+
+/// Start `pgtide run`, its stderr in `daemon.log` of the config directory; the process and the
+/// log's path.
+fn start_daemon(env: &Env) -> (tokio::process::Child, std::path::PathBuf) {
+    let log = env.dir.path().join("daemon.log");
+    let daemon = env
+        .command(&["run"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (daemon, log)
+}
+
+/// Stop `daemon` with SIGTERM; its exit status, which must come within 70 s.
+async fn stop_daemon(daemon: &mut tokio::process::Child) -> std::process::ExitStatus {
+    unsafe { libc::kill(daemon.id().unwrap() as i32, libc::SIGTERM) };
+    tokio::time::timeout(std::time::Duration::from_secs(70), daemon.wait())
+        .await
+        .expect("the daemon stops in time")
+        .unwrap()
 }
 
 #[tokio::test]
@@ -128,74 +128,27 @@ async fn every_mapped_type_arrives_as_its_clickhouse_type() {
         )
         .await
         .unwrap();
+    let columns = support::columns(
+        "t",
+        &[
+            "id", "s", "b", "r", "d", "n", "nu", "flag", "day", "at", "local", "u", "tx", "vc",
+            "j", "ia", "ta", "m", "iv",
+        ],
+    );
     env.job(
         "t",
-        r#"interval_secs = 60
+        &format!(
+            r#"interval_secs = 60
         key = ["id"]
         [from]
         table = "t"
-        [[column]]
-        name = "id"
-        from = "t.id"
-        [[column]]
-        name = "s"
-        from = "t.s"
-        [[column]]
-        name = "b"
-        from = "t.b"
-        [[column]]
-        name = "r"
-        from = "t.r"
-        [[column]]
-        name = "d"
-        from = "t.d"
-        [[column]]
-        name = "n"
-        from = "t.n"
-        [[column]]
-        name = "nu"
-        from = "t.nu"
-        [[column]]
-        name = "flag"
-        from = "t.flag"
-        [[column]]
-        name = "day"
-        from = "t.day"
-        [[column]]
-        name = "at"
-        from = "t.at"
-        [[column]]
-        name = "local"
-        from = "t.local"
-        [[column]]
-        name = "u"
-        from = "t.u"
-        [[column]]
-        name = "tx"
-        from = "t.tx"
-        [[column]]
-        name = "vc"
-        from = "t.vc"
-        [[column]]
-        name = "j"
-        from = "t.j"
-        [[column]]
-        name = "ia"
-        from = "t.ia"
-        [[column]]
-        name = "ta"
-        from = "t.ta"
-        [[column]]
-        name = "m"
-        from = "t.m"
-        [[column]]
-        name = "iv"
-        from = "t.iv"
+        {columns}
         [[column]]
         name = "at_ms"
         from = "t.at"
         type = "Nullable(String)"
-        "#,
+        "#
+        ),
     );
     env.pgtide(&["run-once"]).await.ok();
     let types = ch::query(&format!(
@@ -275,32 +228,10 @@ async fn every_mapped_type_arrives_as_its_clickhouse_type() {
     assert_eq!(el.trim(), r#"{"el":"it's","n":"4"}"#);
 }
 
-const NOTIFY_JOB: &str = r#"
-    mode = "notify"
-    batch_size = 50
-    key = ["id"]
-    on_delete = "ON_DELETE"
-    [from]
-    table = "orders"
-    [[column]]
-    name = "id"
-    from = "orders.id"
-    [[column]]
-    name = "amount"
-    from = "orders.amount"
-    [[column]]
-    name = "note"
-    from = "orders.note"
-    "#;
-
 #[tokio::test]
 async fn notify_job_with_deletes_and_soft_deletes() {
     for on_delete in ["delete", "soft"] {
-        let (env, db) = env().await;
-        env.src.batch_execute(ORDERS).await.unwrap();
-        env.job("orders", &NOTIFY_JOB.replace("ON_DELETE", on_delete));
-        env.pgtide(&["install", "orders"]).await.ok();
-        env.pgtide(&["run-once"]).await.ok();
+        let (env, db) = ch::notify_env(on_delete).await;
         assert_eq!(
             target(&db, "orders", "id, amount, note").await,
             expected(&env).await
@@ -357,10 +288,7 @@ async fn a_crash_between_rows_and_position_converges_on_the_next_run() {
     assert!(!out.status.success(), "the crash point must stop the run");
     env.wait_until_gone("orders").await;
     // The rows of the first batch are in, its position is not.
-    let n = ch::query(&format!(
-        "select count() from {db}.orders format TabSeparated"
-    ))
-    .await;
+    let n = count_of(&db, "orders").await;
     assert_eq!(n, "1000\n");
     let out = env.pgtide(&["run-once"]).await.ok();
     assert_eq!(
@@ -372,16 +300,10 @@ async fn a_crash_between_rows_and_position_converges_on_the_next_run() {
         target(&db, "orders", "id, amount, note").await,
         expected(&env).await
     );
-    let n = ch::query(&format!(
-        "select count() from {db}.orders format TabSeparated"
-    ))
-    .await;
+    let n = count_of(&db, "orders").await;
     assert_eq!(n, "3500\n", "the first batch written twice");
     // Written twice, read once: `final` shows each key once.
-    let dup = ch::query(&format!(
-        "select count() from {db}.orders final format TabSeparated"
-    ))
-    .await;
+    let dup = count_of(&db, "orders final").await;
     assert_eq!(dup, "2500\n");
 }
 
@@ -406,16 +328,14 @@ async fn a_sigkill_mid_load_then_a_run_converges() {
     );
     let mut child = env.command(&["run-once"]).spawn().unwrap();
     let count = || async {
-        if ch::query(&format!("exists table {db}.orders format TabSeparated")).await != "1\n" {
+        if !exists(&db, "orders").await {
             return 0;
         }
-        ch::query(&format!(
-            "select count() from {db}.orders format TabSeparated"
-        ))
-        .await
-        .trim()
-        .parse::<u64>()
-        .unwrap_or(0)
+        count_of(&db, "orders")
+            .await
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while count().await < 20000 && std::time::Instant::now() < deadline {
@@ -438,16 +358,11 @@ async fn a_sigkill_mid_load_then_a_run_converges() {
 async fn a_server_that_is_down_names_the_job_and_keeps_the_password_out() {
     let env = Env::new().await;
     env.src.batch_execute(ORDERS).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let toml = format!(
-        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"clickhouse://pgtide:s3cr3t-pw@127.0.0.1:{port}/x\"\n",
-        env.src_url
+    let port = ch::free_port();
+    ch::write_config(
+        &env,
+        &format!("clickhouse://pgtide:s3cr3t-pw@127.0.0.1:{port}/x"),
     );
-    std::fs::write(env.config(), toml).unwrap();
     env.job("orders", POLL_JOB);
     let out = env.pgtide(&["run-once"]).await;
     assert_eq!(out.code(), 1, "{}", out.stderr());
@@ -458,11 +373,7 @@ async fn a_server_that_is_down_names_the_job_and_keeps_the_password_out() {
     // A wrong password: ClickHouse's own message, without the password.
     let db = ch::database().await;
     let bad = ch::server().pgtide_url(&db).replace("@127", "wrong@127");
-    let toml = format!(
-        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"{bad}\"\n",
-        env.src_url
-    );
-    std::fs::write(env.config(), toml).unwrap();
+    ch::write_config(&env, &bad);
     let out = env.pgtide(&["run-once"]).await;
     assert_eq!(out.code(), 1, "{}", out.stderr());
     let err = out.stderr();
@@ -521,13 +432,7 @@ async fn check_reports_an_incompatible_column_before_anything_is_written() {
     );
     let out = env.pgtide(&["run-once"]).await;
     assert_eq!(out.code(), 1);
-    assert_eq!(
-        ch::query(&format!(
-            "select count() from {db}.orders format TabSeparated"
-        ))
-        .await,
-        "0\n"
-    );
+    assert_eq!(count_of(&db, "orders").await, "0\n");
     // A column the job gained is added.
     ch::execute(&format!("drop table {db}.orders")).await;
     env.pgtide(&["run-once"]).await.ok();
@@ -537,9 +442,10 @@ async fn check_reports_an_incompatible_column_before_anything_is_written() {
     );
     env.pgtide(&["reset", "orders"]).await.ok();
     env.pgtide(&["run-once"]).await.ok();
-    let n = ch::query(&format!(
-        "select count() from {db}.orders final where updated > toDateTime('2000-01-01 00:00:00') format TabSeparated"
-    ))
+    let n = count_of(
+        &db,
+        "orders final where updated > toDateTime('2000-01-01 00:00:00')",
+    )
     .await;
     assert_eq!(n, "2500\n");
 }
@@ -563,26 +469,18 @@ async fn the_daemon_follows_a_notify_job_and_polls_into_clickhouse() {
         "interval_secs = 1\nkey = [\"id\"]\n[from]\ntable = \"events\"\n[[column]]\nname = \"id\"\nfrom = \"events.id\"\n[[column]]\nname = \"v\"\nfrom = \"events.v\"\n",
     );
     env.pgtide(&["install", "orders"]).await.ok();
-    let log = env.dir.path().join("daemon.log");
-    let mut daemon = env
-        .command(&["run"])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut daemon, log) = start_daemon(&env);
     let live = |table: &'static str| {
         let db = db.clone();
         async move {
-            if ch::query(&format!("exists table {db}.{table} format TabSeparated")).await != "1\n" {
+            if !exists(&db, table).await {
                 return 0;
             }
-            ch::query(&format!(
-                "select count() from {db}.{table} final where _pgtide_deleted = 0 format TabSeparated"
-            ))
-            .await
-            .trim()
-            .parse::<u64>()
-            .unwrap()
+            count_of(&db, &format!("{table} final where _pgtide_deleted = 0"))
+                .await
+                .trim()
+                .parse::<u64>()
+                .unwrap()
         }
     };
     support::wait_for(60, "the first loads", || async {
@@ -604,11 +502,7 @@ async fn the_daemon_follows_a_notify_job_and_polls_into_clickhouse() {
         target(&db, "orders", "id, amount, note").await,
         expected(&env).await
     );
-    unsafe { libc::kill(daemon.id().unwrap() as i32, libc::SIGTERM) };
-    let status = tokio::time::timeout(std::time::Duration::from_secs(70), daemon.wait())
-        .await
-        .expect("the daemon stops in time")
-        .unwrap();
+    let status = stop_daemon(&mut daemon).await;
     assert!(
         status.success(),
         "{}",
@@ -652,28 +546,14 @@ async fn proxy(port: u16) -> tokio::task::JoinHandle<()> {
 async fn the_daemon_waits_for_a_clickhouse_that_is_not_up_yet() {
     let env = Env::new().await;
     let db = ch::database().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let toml = format!(
-        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"clickhouse://127.0.0.1:{port}/{db}\"\n",
-        env.src_url
-    );
-    std::fs::write(env.config(), toml).unwrap();
+    let port = ch::free_port();
+    ch::write_config(&env, &format!("clickhouse://127.0.0.1:{port}/{db}"));
     env.src.batch_execute(ORDERS).await.unwrap();
     env.job(
         "orders",
         &POLL_JOB.replace("interval_secs = 60", "interval_secs = 1"),
     );
-    let log = env.dir.path().join("daemon.log");
-    let mut daemon = env
-        .command(&["run"])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut daemon, log) = start_daemon(&env);
     support::wait_for(30, "a failed attempt to be retried", || async {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -682,15 +562,11 @@ async fn the_daemon_waits_for_a_clickhouse_that_is_not_up_yet() {
     .await;
     let proxy = proxy(port).await;
     support::wait_for(90, "the load once ClickHouse is up", || async {
-        ch::query(&format!("exists table {db}.orders format TabSeparated")).await == "1\n"
+        exists(&db, "orders").await
             && target(&db, "orders", "id, amount, note").await == expected(&env).await
     })
     .await;
-    unsafe { libc::kill(daemon.id().unwrap() as i32, libc::SIGTERM) };
-    let status = tokio::time::timeout(std::time::Duration::from_secs(70), daemon.wait())
-        .await
-        .expect("the daemon stops in time")
-        .unwrap();
+    let status = stop_daemon(&mut daemon).await;
     proxy.abort();
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{log}");

@@ -6,21 +6,9 @@
 mod support;
 
 use serde_json::Value;
-use support::clickhouse as ch;
+use support::clickhouse::{self as ch, env, ORDERS, POLL_JOB};
+use support::verify::{clean_with, counts, keys, lock_job, open_windows, strs, verify_with};
 use support::{Env, Out};
-
-/// A source in PostgreSQL, and a config whose DWH is a fresh ClickHouse database.
-async fn env() -> (Env, String) {
-    let env = Env::new().await;
-    let db = ch::database().await;
-    let toml = format!(
-        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"{}\"\n",
-        env.src_url,
-        ch::clickhouse_url(&db)
-    );
-    std::fs::write(env.config(), toml).unwrap();
-    (env, db)
-}
 
 /// Run `verify JOB --json ARGS...`; the exit code and the report.
 async fn verify(env: &Env, job: &str, args: &[&str]) -> (i32, Value, Out) {
@@ -30,71 +18,13 @@ async fn verify(env: &Env, job: &str, args: &[&str]) -> (i32, Value, Out) {
 /// `verify`, its second pass reading the source again (as when the first pass's file of source
 /// rows grew too large) when `reread` is set.
 async fn verify_rereading(env: &Env, job: &str, args: &[&str], reread: bool) -> (i32, Value, Out) {
-    let mut all = vec!["verify", job, "--json"];
-    all.extend_from_slice(args);
-    let mut cmd = env.command(&all);
-    if reread {
-        cmd.env(pgtide::verify::REREAD_SOURCE, "1");
-    }
-    let out = Out(
-        tokio::time::timeout(std::time::Duration::from_secs(300), cmd.output())
-            .await
-            .expect("verify did not finish within 300 s")
-            .expect("run pgtide"),
-    );
-    let report = serde_json::from_str(&out.stdout()).unwrap_or_else(|e| {
-        panic!(
-            "verify printed no JSON report ({e})\nstdout:\n{}\nstderr:\n{}",
-            out.stdout(),
-            out.stderr()
-        )
-    });
-    (out.code(), report, out)
-}
-
-/// `(missing, different, extra)` of a report.
-fn counts(report: &Value) -> (u64, u64, u64) {
-    let n = |k: &str| {
-        report[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no {k} in {report}"))
-    };
-    (n("missing"), n("different"), n("extra"))
-}
-
-/// The keys of one kind in a report, sorted, each as its values joined by `|`.
-fn keys(report: &Value, kind: &str) -> Vec<String> {
-    let mut v: Vec<String> = report["keys"][kind]
-        .as_array()
-        .unwrap_or_else(|| panic!("no keys.{kind} in {report}"))
-        .iter()
-        .map(|k| {
-            k.as_array()
-                .expect("a key is an array of values")
-                .iter()
-                .map(|x| x.as_str().expect("key values are text").to_string())
-                .collect::<Vec<_>>()
-                .join("|")
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn strs(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+    let set = reread.then_some(pgtide::verify::REREAD_SOURCE);
+    verify_with(env, job, args, set).await
 }
 
 /// Verify finds nothing; the report.
 async fn clean(env: &Env, job: &str, args: &[&str]) -> Value {
-    let (code, report, out) = verify(env, job, args).await;
-    assert_eq!(
-        (code, counts(&report)),
-        (0, (0, 0, 0)),
-        "verify should find nothing\n{report}\nstderr:\n{}",
-        out.stderr()
-    );
-    report
+    clean_with(env, job, args, None).await
 }
 
 /// Write a newer version of the row `id` of `db.table` in ClickHouse with column `col` set to
@@ -150,72 +80,23 @@ const TYPES: &str = r#"
            array['x' || g, e'y\\' || g], array[g / 11.0]
     from generate_series(5, 300) g;"#;
 
-const TYPES_JOB: &str = r#"
+/// A job of `t`: every column as it is, and two with a type of their own.
+fn types_job() -> String {
+    let columns = support::columns(
+        "t",
+        &[
+            "id", "s", "b", "r", "d", "n", "nu", "flag", "day", "at", "local", "u", "tx", "vc",
+            "j", "ia", "ta", "fa", "m", "iv",
+        ],
+    );
+    format!(
+        r#"
     interval_secs = 60
     batch_size = 100
     key = ["id"]
     [from]
     table = "t"
-    [[column]]
-    name = "id"
-    from = "t.id"
-    [[column]]
-    name = "s"
-    from = "t.s"
-    [[column]]
-    name = "b"
-    from = "t.b"
-    [[column]]
-    name = "r"
-    from = "t.r"
-    [[column]]
-    name = "d"
-    from = "t.d"
-    [[column]]
-    name = "n"
-    from = "t.n"
-    [[column]]
-    name = "nu"
-    from = "t.nu"
-    [[column]]
-    name = "flag"
-    from = "t.flag"
-    [[column]]
-    name = "day"
-    from = "t.day"
-    [[column]]
-    name = "at"
-    from = "t.at"
-    [[column]]
-    name = "local"
-    from = "t.local"
-    [[column]]
-    name = "u"
-    from = "t.u"
-    [[column]]
-    name = "tx"
-    from = "t.tx"
-    [[column]]
-    name = "vc"
-    from = "t.vc"
-    [[column]]
-    name = "j"
-    from = "t.j"
-    [[column]]
-    name = "ia"
-    from = "t.ia"
-    [[column]]
-    name = "ta"
-    from = "t.ta"
-    [[column]]
-    name = "fa"
-    from = "t.fa"
-    [[column]]
-    name = "m"
-    from = "t.m"
-    [[column]]
-    name = "iv"
-    from = "t.iv"
+    {columns}
     [[column]]
     name = "at_text"
     from = "t.at"
@@ -224,13 +105,15 @@ const TYPES_JOB: &str = r#"
     name = "d32"
     from = "t.d"
     type = "Nullable(Float32)"
-    "#;
+    "#
+    )
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_mapped_type_compares_equal_after_a_load() {
     let (env, db) = env().await;
     env.src.batch_execute(TYPES).await.unwrap();
-    env.job("t", TYPES_JOB);
+    env.job("t", &types_job());
     env.pgtide(&["run-once"]).await.ok();
     let r = clean(&env, "t", &[]).await;
     assert_eq!(r["compared"], 300, "{r}");
@@ -268,29 +151,6 @@ async fn every_mapped_type_compares_equal_after_a_load() {
     assert_eq!(counts(&r["repaired"]), (0, 8, 0), "{r}");
     clean(&env, "t", &[]).await;
 }
-
-const ORDERS: &str = "
-    create table orders (id bigint primary key, amount numeric(10, 2) not null, note text,
-                         updated_at timestamptz not null default now());
-    insert into orders select g, g * 1.5, case when g % 3 = 0 then null else 'n' || g end
-      from generate_series(1, 2500) g;";
-
-const POLL_JOB: &str = r#"
-    interval_secs = 60
-    batch_size = 1000
-    key = ["id"]
-    [from]
-    table = "orders"
-    [[column]]
-    name = "id"
-    from = "orders.id"
-    [[column]]
-    name = "amount"
-    from = "orders.amount"
-    [[column]]
-    name = "note"
-    from = "orders.note"
-    "#;
 
 /// Mark the row `id` of `db.orders` deleted with a newer version, as a job never would.
 async fn mark_deleted(db: &str, id: i64) {
@@ -394,15 +254,7 @@ async fn poll_job_damaged_rows_are_named_and_repaired() {
 
     // Another pgtide holds the job (the lock of a ClickHouse DWH's job lives on the source): a
     // plain comparison runs, a repair exits 3.
-    let holder = support::connect(&env.src_url).await;
-    let held: bool = holder
-        .query_one(
-            "select pg_try_advisory_lock(hashtextextended('pgtide job ' || 'orders', 0))",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (holder, held) = lock_job(&env.src_url, "orders").await;
     assert!(held);
     assert_eq!(verify(&env, "orders", &[]).await.0, 1);
     let out = env.pgtide(&["verify", "orders", "--repair"]).await;
@@ -431,32 +283,10 @@ async fn poll_job_damaged_rows_are_named_and_repaired() {
     assert_eq!(r["compared"], 2600, "{r}");
 }
 
-const NOTIFY_JOB: &str = r#"
-    mode = "notify"
-    batch_size = 50
-    key = ["id"]
-    on_delete = "ON_DELETE"
-    [from]
-    table = "orders"
-    [[column]]
-    name = "id"
-    from = "orders.id"
-    [[column]]
-    name = "amount"
-    from = "orders.amount"
-    [[column]]
-    name = "note"
-    from = "orders.note"
-    "#;
-
 #[tokio::test(flavor = "multi_thread")]
 async fn notify_job_with_deletes_counts_extra_rows_and_skips_waiting_events() {
     for on_delete in ["delete", "soft"] {
-        let (env, db) = env().await;
-        env.src.batch_execute(ORDERS).await.unwrap();
-        env.job("orders", &NOTIFY_JOB.replace("ON_DELETE", on_delete));
-        env.pgtide(&["install", "orders"]).await.ok();
-        env.pgtide(&["run-once"]).await.ok();
+        let (env, db) = ch::notify_env(on_delete).await;
         env.src
             .batch_execute("delete from orders where id between 10 and 19")
             .await
@@ -562,19 +392,18 @@ async fn rows_an_open_window_will_reread_are_not_counted_until_it_closes() {
         .batch_execute("update orders set amount = 1000 where id = 6")
         .await
         .unwrap();
-    let windows = |env: &Env| {
-        let out = env.command(&["status", "--json", "orders"]).output();
-        async move {
-            let out = Out(out.await.unwrap());
-            let v: Value = serde_json::from_str(&out.stdout()).unwrap();
-            v[0]["open_windows"].as_u64().unwrap()
-        }
-    };
-    assert!(windows(&env).await > 0, "the run leaves its window open");
+    assert!(
+        open_windows(&env, "orders").await > 0,
+        "the run leaves its window open"
+    );
     clean(&env, "orders", &[]).await;
     holder.batch_execute("commit").await.unwrap();
     env.pgtide(&["run-once"]).await.ok();
-    assert_eq!(windows(&env).await, 0, "the recheck closed the window");
+    assert_eq!(
+        open_windows(&env, "orders").await,
+        0,
+        "the recheck closed the window"
+    );
     let amount = |db: &str| {
         let q = format!("select amount from {db}.orders final where id = 6 format TabSeparated");
         async move { ch::query(&q).await }

@@ -5,19 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{wait_for, Env};
-
-const ORDERS: &str = "
-    create table customers (id bigint primary key, name text not null);
-    create table orders (
-        id bigserial primary key,
-        customer_id bigint references customers (id),
-        amount numeric(12, 2) not null,
-        note text,
-        updated_at timestamptz not null default now()
-    );
-    create index on orders (updated_at, id);
-    insert into customers select g, 'customer ' || g from generate_series(1, 10) g;";
+use support::{wait_for, Env, CUSTOMER_ORDERS};
 
 fn job(parallel: usize, batch: usize, extra: &str) -> String {
     format!(
@@ -67,7 +55,7 @@ async fn assert_converged(env: &Env) {
 /// `n` orders with skewed timestamps: most share a few values, so chunks must cut inside a
 /// timestamp by id.
 async fn orders(env: &Env, n: usize) {
-    env.src.batch_execute(ORDERS).await.unwrap();
+    env.src.batch_execute(CUSTOMER_ORDERS).await.unwrap();
     env.src
         .batch_execute(&format!(
             "insert into orders (customer_id, amount, note, updated_at)
@@ -127,15 +115,7 @@ async fn a_killed_parallel_load_resumes_without_reading_finished_chunks_again() 
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_for(60, "a part of the load", || async {
-        env.dwh
-            .query_opt("select count(*) from dw.orders", &[])
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|r| r.get::<_, i64>(0) >= 30_000)
-    })
-    .await;
+    wait_loaded(&env, 30_000).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     env.wait_until_gone("orders").await;
@@ -215,15 +195,7 @@ async fn a_stop_signal_during_a_parallel_load_finishes_the_chunks_in_hand() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for(60, "a part of the load", || async {
-        env.dwh
-            .query_opt("select count(*) from dw.orders", &[])
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|r| r.get::<_, i64>(0) >= 5_000)
-    })
-    .await;
+    wait_loaded(&env, 5_000).await;
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
@@ -256,15 +228,7 @@ async fn a_stop_signal_during_a_parallel_load_finishes_the_chunks_in_hand() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_moved_between_chunks_is_written_last_in_its_newest_version() {
     let env = Env::new().await;
-    env.src.batch_execute(ORDERS).await.unwrap();
-    env.src
-        .batch_execute(
-            "insert into orders (id, customer_id, amount, note, updated_at)
-             select g, 1, g, 'old', '2025-01-01'::timestamptz + (g || ' seconds')::interval
-             from generate_series(1, 1000) g",
-        )
-        .await
-        .unwrap();
+    old_orders(&env).await;
     // Two workers; the second reads slowly, the first chunk (rows 1-100) waits after its
     // snapshot, so it commits last.
     env.job("orders", &job(2, 100, "max_rows_per_sec = 600"));
@@ -276,12 +240,7 @@ async fn a_row_moved_between_chunks_is_written_last_in_its_newest_version() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     // Row 5 moves from the first chunk's range into a later chunk's, read after this commit.
-    env.src
-        .batch_execute(
-            "update orders set note = 'new', updated_at = '2025-01-01'::timestamptz + '950.5 seconds'::interval where id = 5",
-        )
-        .await
-        .unwrap();
+    move_row5(&env).await;
     assert!(run.wait().await.unwrap().success());
     // The first chunk wrote the old version of row 5 after a later chunk wrote the new one.
     assert_eq!(
@@ -295,6 +254,42 @@ async fn a_row_moved_between_chunks_is_written_last_in_its_newest_version() {
     assert_converged(&env).await;
 }
 
+/// Wait until `dw.orders` holds at least `n` rows.
+async fn wait_loaded(env: &Env, n: i64) {
+    wait_for(60, "a part of the load", || async {
+        env.dwh
+            .query_opt("select count(*) from dw.orders", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.get::<_, i64>(0) >= n)
+    })
+    .await;
+}
+
+/// `CUSTOMER_ORDERS` with 1,000 orders noted 'old', one a second from 2025-01-01 by id.
+async fn old_orders(env: &Env) {
+    env.src.batch_execute(CUSTOMER_ORDERS).await.unwrap();
+    env.src
+        .batch_execute(
+            "insert into orders (id, customer_id, amount, note, updated_at)
+             select g, 1, g, 'old', '2025-01-01'::timestamptz + (g || ' seconds')::interval
+             from generate_series(1, 1000) g",
+        )
+        .await
+        .unwrap();
+}
+
+/// Note row 5 'new' and move it to 950.5 s, among the last chunks' rows.
+async fn move_row5(env: &Env) {
+    env.src
+        .batch_execute(
+            "update orders set note = 'new', updated_at = '2025-01-01'::timestamptz + '950.5 seconds'::interval where id = 5",
+        )
+        .await
+        .unwrap();
+}
+
 async fn row5(env: &Env) -> String {
     env.dwh
         .query_one("select note from dw.orders where order_id = 5", &[])
@@ -306,15 +301,7 @@ async fn row5(env: &Env) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_parallel_replay_ends_with_the_newest_version_of_a_row_moved_during_it() {
     let env = Env::new().await;
-    env.src.batch_execute(ORDERS).await.unwrap();
-    env.src
-        .batch_execute(
-            "insert into orders (id, customer_id, amount, note, updated_at)
-             select g, 1, g, 'old', '2025-01-01'::timestamptz + (g || ' seconds')::interval
-             from generate_series(1, 1000) g",
-        )
-        .await
-        .unwrap();
+    old_orders(&env).await;
     env.job("orders", &job(2, 100, "max_rows_per_sec = 600"));
     env.pgtide(&["run-once"]).await.ok();
     let mut replay = env
@@ -324,12 +311,7 @@ async fn a_parallel_replay_ends_with_the_newest_version_of_a_row_moved_during_it
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    env.src
-        .batch_execute(
-            "update orders set note = 'new', updated_at = '2025-01-01'::timestamptz + '950.5 seconds'::interval where id = 5",
-        )
-        .await
-        .unwrap();
+    move_row5(&env).await;
     assert!(replay.wait().await.unwrap().success());
     // The first chunk wrote row 5's old version last; the replay's closing re-read wrote the
     // new one after it.

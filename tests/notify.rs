@@ -2,43 +2,13 @@
 
 mod support;
 
-use support::Env;
+use support::{orders_notify_job, Env};
 
 const SHOP: &str = "
     create table customers (id bigint primary key, name text not null);
     create table orders (id bigint primary key, customer_id bigint, amount numeric(10, 2), note text);
     insert into customers select g, 'customer ' || g from generate_series(1, 5) g;
     insert into orders select g, 1 + g % 5, g, null from generate_series(1, 20) g;";
-
-fn job(join: &str, on_delete: &str) -> String {
-    format!(
-        r#"mode = "notify"
-        batch_size = 7
-        key = ["order_id"]
-        on_delete = "{on_delete}"
-        [from]
-        table = "orders"
-        as = "o"
-        [[join]]
-        table = "customers"
-        as = "c"
-        type = "{join}"
-        on = {{ "o.customer_id" = "c.id" }}
-        [[column]]
-        name = "order_id"
-        from = "o.id"
-        [[column]]
-        name = "customer"
-        from = "c.name"
-        [[column]]
-        name = "amount"
-        from = "o.amount"
-        [[column]]
-        name = "note"
-        from = "o.note"
-        "#
-    )
-}
 
 const LEFT_VIEW: &str = "select o.id, c.name, o.amount, o.note from orders o left join customers c on o.customer_id = c.id";
 const INNER_VIEW: &str =
@@ -48,7 +18,7 @@ const DWH_VIEW: &str = "select order_id, customer, amount, note from dw.orders";
 async fn env(join: &str, on_delete: &str) -> Env {
     let env = Env::new().await;
     env.src.batch_execute(SHOP).await.unwrap();
-    env.job("orders", &job(join, on_delete));
+    env.job("orders", &orders_notify_job(join, on_delete));
     env.pgtide(&["install", "orders"]).await.ok();
     env
 }
@@ -72,7 +42,7 @@ async fn converged(env: &Env, view: &str) {
 async fn install_and_uninstall_are_idempotent_and_leave_nothing_behind() {
     let env = Env::new().await;
     env.src.batch_execute(SHOP).await.unwrap();
-    env.job("orders", &job("left", "delete"));
+    env.job("orders", &orders_notify_job("left", "delete"));
     let out = env.pgtide(&["check"]).await;
     assert_eq!(out.code(), 2, "{}", out.stderr());
     assert!(
@@ -330,7 +300,7 @@ async fn ten_thousand_updates_of_one_key_in_one_transaction_are_one_row() {
         .unwrap();
     env.job(
         "orders",
-        &job("left", "delete").replace("batch_size = 7", "batch_size = 10000"),
+        &orders_notify_job("left", "delete").replace("batch_size = 7", "batch_size = 10000"),
     );
     let out = env.pgtide(&["run-once"]).await.ok();
     assert!(
@@ -354,7 +324,7 @@ async fn changes_during_the_first_load_are_not_lost() {
         .unwrap();
     env.job(
         "orders",
-        &job("left", "delete").replace("batch_size = 7", "batch_size = 500"),
+        &orders_notify_job("left", "delete").replace("batch_size = 7", "batch_size = 500"),
     );
     env.pgtide(&["install", "orders"]).await.ok();
     let load = env.command(&["run-once"]).output();

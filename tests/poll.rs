@@ -2,19 +2,7 @@
 
 mod support;
 
-use support::{wait_for, Env};
-
-const ORDERS: &str = "
-    create table customers (id bigint primary key, name text not null);
-    create table orders (
-        id bigserial primary key,
-        customer_id bigint references customers (id),
-        amount numeric(12, 2) not null,
-        note text,
-        updated_at timestamptz not null default now()
-    );
-    create index on orders (updated_at, id);
-    insert into customers select g, 'customer ' || g from generate_series(1, 10) g;";
+use support::{wait_for, Env, CUSTOMER_ORDERS};
 
 /// Orders joined with customers, past (updated_at, id), in batches of 10.
 const ORDERS_JOB: &str = r#"
@@ -61,7 +49,7 @@ async fn assert_converged(env: &Env) {
 
 async fn orders_env() -> Env {
     let env = Env::new().await;
-    env.src.batch_execute(ORDERS).await.unwrap();
+    env.src.batch_execute(CUSTOMER_ORDERS).await.unwrap();
     env.job("orders", ORDERS_JOB);
     env
 }

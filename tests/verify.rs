@@ -5,7 +5,8 @@
 mod support;
 
 use serde_json::Value;
-use support::{Env, Out};
+use support::verify::{clean_with, counts, keys, lock_job, open_windows, strs, verify_with};
+use support::{orders_notify_job, Env, Out};
 
 /// Run `verify JOB --json ARGS...`; the exit code and the report.
 async fn verify(env: &Env, job: &str, args: &[&str]) -> (i32, Value, Out) {
@@ -15,26 +16,8 @@ async fn verify(env: &Env, job: &str, args: &[&str]) -> (i32, Value, Out) {
 /// `verify`, digesting rows by the md5 of their text (as with servers before PostgreSQL 14)
 /// when `text` is set.
 async fn verify_digest(env: &Env, job: &str, args: &[&str], text: bool) -> (i32, Value, Out) {
-    let mut all = vec!["verify", job, "--json"];
-    all.extend_from_slice(args);
-    let mut cmd = env.command(&all);
-    if text {
-        cmd.env(pgtide::verify::TEXT_DIGEST, "1");
-    }
-    let out = Out(
-        tokio::time::timeout(std::time::Duration::from_secs(300), cmd.output())
-            .await
-            .expect("verify did not finish within 300 s")
-            .expect("run pgtide"),
-    );
-    let report = serde_json::from_str(&out.stdout()).unwrap_or_else(|e| {
-        panic!(
-            "verify printed no JSON report ({e})\nstdout:\n{}\nstderr:\n{}",
-            out.stdout(),
-            out.stderr()
-        )
-    });
-    (out.code(), report, out)
+    let set = text.then_some(pgtide::verify::TEXT_DIGEST);
+    verify_with(env, job, args, set).await
 }
 
 /// How many keys a verify read again at the end (from its log): those the digests flagged.
@@ -48,52 +31,13 @@ fn reread(out: &Out) -> u64 {
         .unwrap_or_else(|| panic!("no count of keys read again in:\n{log}"))
 }
 
-/// The keys of one kind in a report, sorted, each as its values joined by `|`.
-fn keys(report: &Value, kind: &str) -> Vec<String> {
-    let mut v: Vec<String> = report["keys"][kind]
-        .as_array()
-        .unwrap_or_else(|| panic!("no keys.{kind} in {report}"))
-        .iter()
-        .map(|k| {
-            k.as_array()
-                .expect("a key is an array of values")
-                .iter()
-                .map(|x| x.as_str().expect("key values are text").to_string())
-                .collect::<Vec<_>>()
-                .join("|")
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-/// `(missing, different, extra)` of a report.
-fn counts(report: &Value) -> (u64, u64, u64) {
-    let n = |k: &str| {
-        report[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no {k} in {report}"))
-    };
-    (n("missing"), n("different"), n("extra"))
-}
-
 async fn clean(env: &Env, job: &str, args: &[&str]) -> Value {
     clean_digest(env, job, args, false).await
 }
 
 async fn clean_digest(env: &Env, job: &str, args: &[&str], text: bool) -> Value {
-    let (code, report, out) = verify_digest(env, job, args, text).await;
-    assert_eq!(
-        (code, counts(&report)),
-        (0, (0, 0, 0)),
-        "verify should find nothing\n{report}\nstderr:\n{}",
-        out.stderr()
-    );
-    report
-}
-
-fn strs(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+    let set = text.then_some(pgtide::verify::TEXT_DIGEST);
+    clean_with(env, job, args, set).await
 }
 
 /// Many types whose text must be the same on both sides, a join and an expression.
@@ -289,19 +233,18 @@ async fn rows_an_open_window_will_reread_are_not_counted_until_it_closes() {
         .batch_execute("update orders set amount = 1000 where id = 6")
         .await
         .unwrap();
-    let windows = |env: &Env| {
-        let out = env.command(&["status", "--json", "orders"]).output();
-        async move {
-            let out = Out(out.await.unwrap());
-            let v: Value = serde_json::from_str(&out.stdout()).unwrap();
-            v[0]["open_windows"].as_u64().unwrap()
-        }
-    };
-    assert!(windows(&env).await > 0, "the run leaves its window open");
+    assert!(
+        open_windows(&env, "orders").await > 0,
+        "the run leaves its window open"
+    );
     clean(&env, "orders", &[]).await;
     holder.batch_execute("commit").await.unwrap();
     env.pgtide(&["run-once", "orders"]).await.ok();
-    assert_eq!(windows(&env).await, 0, "the recheck closed the window");
+    assert_eq!(
+        open_windows(&env, "orders").await,
+        0,
+        "the recheck closed the window"
+    );
     assert_eq!(
         Env::rows(&env.dwh, "select amount from dw.orders where order_id = 6").await,
         strs(&["(1000.00)"])
@@ -386,40 +329,10 @@ const SHOP: &str = "
     insert into customers select g, 'customer ' || g from generate_series(1, 5) g;
     insert into orders select g, 1 + g % 5, g, null from generate_series(1, 30) g;";
 
-fn notify_job(on_delete: &str) -> String {
-    format!(
-        r#"mode = "notify"
-        batch_size = 7
-        key = ["order_id"]
-        on_delete = "{on_delete}"
-        [from]
-        table = "orders"
-        as = "o"
-        [[join]]
-        table = "customers"
-        as = "c"
-        type = "left"
-        on = {{ "o.customer_id" = "c.id" }}
-        [[column]]
-        name = "order_id"
-        from = "o.id"
-        [[column]]
-        name = "customer"
-        from = "c.name"
-        [[column]]
-        name = "amount"
-        from = "o.amount"
-        [[column]]
-        name = "note"
-        from = "o.note"
-        "#
-    )
-}
-
 async fn notify_env(on_delete: &str) -> Env {
     let env = Env::new().await;
     env.src.batch_execute(SHOP).await.unwrap();
-    env.job("orders", &notify_job(on_delete));
+    env.job("orders", &orders_notify_job("left", on_delete));
     env.pgtide(&["install", "orders"]).await.ok();
     env.pgtide(&["run-once", "orders"]).await.ok();
     env
@@ -744,19 +657,11 @@ async fn values_as_written(text: bool) {
 async fn bad_config_locks_and_unknown_jobs() {
     let env = Env::new().await;
     env.src.batch_execute(SHOP).await.unwrap();
-    env.job("orders", &notify_job("delete"));
+    env.job("orders", &orders_notify_job("left", "delete"));
     env.pgtide(&["install", "orders"]).await.ok();
     env.pgtide(&["run-once", "orders"]).await.ok();
     // Another pgtide holds the job: a plain comparison works, a repair exits 3.
-    let holder = support::connect(&env.dwh_url).await;
-    let held: bool = holder
-        .query_one(
-            "select pg_try_advisory_lock(hashtextextended('pgtide job ' || 'orders', 0))",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (holder, held) = lock_job(&env.dwh_url, "orders").await;
     assert!(held);
     clean(&env, "orders", &[]).await;
     let out = env.pgtide(&["verify", "orders", "--repair"]).await;

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use pgtide::clickhouse::{Client, Url};
 
+use super::Env;
+
 /// Where Debian's package puts the server; `PGTIDE_CLICKHOUSE_SERVER` overrides it.
 const SERVER_BIN: &str = "/usr/sbin/clickhouse-server";
 /// How long the server may take to answer its first request.
@@ -57,6 +59,78 @@ pub fn clickhouse_url(db: &str) -> String {
     server().url(db)
 }
 
+/// A source in PostgreSQL, and a config whose DWH is a fresh ClickHouse database; the database.
+pub async fn env() -> (Env, String) {
+    let env = Env::new().await;
+    let db = database().await;
+    write_config(&env, &clickhouse_url(&db));
+    (env, db)
+}
+
+/// Write `env`'s config: its source `shop`, and the DWH at `url`.
+pub fn write_config(env: &Env, url: &str) {
+    let toml = format!(
+        "state_path = \"state/pgtide.db\"\n[sources.shop]\nurl = \"{}\"\n[dwh]\nurl = \"{url}\"\n",
+        env.src_url
+    );
+    std::fs::write(env.config(), toml).unwrap();
+}
+
+/// Source table `orders` of 2,500 rows, every third note NULL.
+pub const ORDERS: &str = "
+    create table orders (id bigint primary key, amount numeric(10, 2) not null, note text,
+                         updated_at timestamptz not null default now());
+    insert into orders select g, g * 1.5, case when g % 3 = 0 then null else 'n' || g end
+      from generate_series(1, 2500) g;";
+
+/// A poll job of `orders` by `id`, in batches of 1,000.
+pub const POLL_JOB: &str = r#"
+    interval_secs = 60
+    batch_size = 1000
+    key = ["id"]
+    [from]
+    table = "orders"
+    [[column]]
+    name = "id"
+    from = "orders.id"
+    [[column]]
+    name = "amount"
+    from = "orders.amount"
+    [[column]]
+    name = "note"
+    from = "orders.note"
+    "#;
+
+/// A notify job of `orders` in batches of 50; `ON_DELETE` stands for its `on_delete`.
+pub const NOTIFY_JOB: &str = r#"
+    mode = "notify"
+    batch_size = 50
+    key = ["id"]
+    on_delete = "ON_DELETE"
+    [from]
+    table = "orders"
+    [[column]]
+    name = "id"
+    from = "orders.id"
+    [[column]]
+    name = "amount"
+    from = "orders.amount"
+    [[column]]
+    name = "note"
+    from = "orders.note"
+    "#;
+
+/// [`env`] with [`ORDERS`] loaded once by an installed [`NOTIFY_JOB`] (`orders`) with
+/// `on_delete`.
+pub async fn notify_env(on_delete: &str) -> (Env, String) {
+    let (env, db) = env().await;
+    env.src.batch_execute(ORDERS).await.unwrap();
+    env.job("orders", &NOTIFY_JOB.replace("ON_DELETE", on_delete));
+    env.pgtide(&["install", "orders"]).await.ok();
+    env.pgtide(&["run-once"]).await.ok();
+    (env, db)
+}
+
 /// A fresh database, named for this process and test.
 pub async fn database() -> String {
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
@@ -91,7 +165,8 @@ pub async fn execute(sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-fn free_port() -> u16 {
+/// A loopback port that nothing listens on (just now).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -1,9 +1,10 @@
 //! Test support: one throwaway PostgreSQL per test binary (stopped at exit), a fresh source
 //! and DWH database per test, a config directory per test, and the real `pgtide` binary;
-//! `clickhouse`: the same for a throwaway ClickHouse.
+//! `clickhouse`: the same for a throwaway ClickHouse; `verify`: `pgtide verify` and its report.
 #![allow(dead_code)]
 
 pub mod clickhouse;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -279,6 +280,60 @@ impl Out {
         );
         self
     }
+}
+
+/// Customers 1 to 10, and an empty `orders` of theirs (a `bigserial` id) indexed on
+/// `(updated_at, id)`.
+pub const CUSTOMER_ORDERS: &str = "
+    create table customers (id bigint primary key, name text not null);
+    create table orders (
+        id bigserial primary key,
+        customer_id bigint references customers (id),
+        amount numeric(12, 2) not null,
+        note text,
+        updated_at timestamptz not null default now()
+    );
+    create index on orders (updated_at, id);
+    insert into customers select g, 'customer ' || g from generate_series(1, 10) g;";
+
+/// A notify job of `orders` (as `o`) joined (`join`) with `customers` (as `c`), in batches of 7:
+/// `order_id`, `customer`, `amount` and `note`.
+pub fn orders_notify_job(join: &str, on_delete: &str) -> String {
+    format!(
+        r#"mode = "notify"
+        batch_size = 7
+        key = ["order_id"]
+        on_delete = "{on_delete}"
+        [from]
+        table = "orders"
+        as = "o"
+        [[join]]
+        table = "customers"
+        as = "c"
+        type = "{join}"
+        on = {{ "o.customer_id" = "c.id" }}
+        [[column]]
+        name = "order_id"
+        from = "o.id"
+        [[column]]
+        name = "customer"
+        from = "c.name"
+        [[column]]
+        name = "amount"
+        from = "o.amount"
+        [[column]]
+        name = "note"
+        from = "o.note"
+        "#
+    )
+}
+
+/// `[[column]]` tables of a job: each of `names` taken as it is from `table`.
+pub fn columns(table: &str, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("[[column]]\nname = \"{n}\"\nfrom = \"{table}.{n}\"\n"))
+        .collect()
 }
 
 /// Wait for `cond` up to `secs`, or panic with `what`.
