@@ -118,13 +118,14 @@ async fn every_mapped_type_arrives_as_its_clickhouse_type() {
             "create type mood as enum ('sad', 'ok', 'happy');
              create table t (id integer primary key, s smallint, b bigint, r real, d double precision,
                n numeric(12, 4), nu numeric, flag boolean, day date, at timestamptz, local timestamp,
-               u uuid, tx text, vc varchar(10), j jsonb, ia integer[], ta text[], m mood, iv interval);
+               u uuid, tx text, vc varchar(10), j jsonb, ia integer[], ta text[], m mood, iv interval,
+               ua uuid[]);
              insert into t values
               (1, -3, 9007199254740993, 1.5, 0.1, 12345678.1234, 3.14159265358979323846, true,
                '2025-01-31', '2025-01-31 12:34:56.789+02', '2025-01-31 01:02:03', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
                e'tab\\there\\nnew ''q'' \\\\ back', 'short', '{\"k\": [1, \"x\"]}', '{1,NULL,3}', '{\"a b\",\"it''s\",NULL}',
-               'happy', '1 day 02:00:00'),
-              (2, null, null, 'NaN', '-Infinity', null, null, false, null, null, null, null, null, null, null, null, '{}', null, null);",
+               'happy', '1 day 02:00:00', '{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11,NULL}'),
+              (2, null, null, 'NaN', '-Infinity', null, null, false, null, null, null, null, null, null, null, null, '{}', null, null, null);",
         )
         .await
         .unwrap();
@@ -132,7 +133,7 @@ async fn every_mapped_type_arrives_as_its_clickhouse_type() {
         "t",
         &[
             "id", "s", "b", "r", "d", "n", "nu", "flag", "day", "at", "local", "u", "tx", "vc",
-            "j", "ia", "ta", "m", "iv",
+            "j", "ia", "ta", "m", "iv", "ua",
         ],
     );
     env.job(
@@ -183,6 +184,7 @@ async fn every_mapped_type_arrives_as_its_clickhouse_type() {
         "ta\tArray(Nullable(String))".into(),
         "m\tNullable(String)".into(),
         "iv\tNullable(String)".into(),
+        "ua\tArray(Nullable(UUID))".into(),
         "at_ms\tNullable(String)".into(),
     ] {
         assert!(
@@ -219,6 +221,10 @@ async fn every_mapped_type_arrives_as_its_clickhouse_type() {
     assert_eq!(
         row("ia, ta, m, iv").await,
         "[1,NULL,3]\t['a b','it\\'s',NULL]\thappy\t1 day 02:00:00\n[]\t[]\t\\N\t\\N\n"
+    );
+    assert_eq!(
+        row("ua").await,
+        "['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',NULL]\n[]\n"
     );
     // A text element with a quote arrives whole.
     let el = ch::query(&format!(
@@ -575,4 +581,71 @@ async fn the_daemon_waits_for_a_clickhouse_that_is_not_up_yet() {
         !log.contains("run failed"),
         "a refused connection is transient:\n{log}"
     );
+}
+
+#[tokio::test]
+async fn an_infinite_timestamp_fails_the_batch_and_says_so() {
+    let (env, _db) = env().await;
+    env.src
+        .batch_execute(
+            "create table t (id integer primary key, at timestamptz, days date[]);
+             insert into t values (1, '2025-01-01', '{2025-01-01}'), (2, 'infinity', null);",
+        )
+        .await
+        .unwrap();
+    let columns = support::columns("t", &["id", "at", "days"]);
+    env.job(
+        "t",
+        &format!("interval_secs = 60\nkey = [\"id\"]\n[from]\ntable = \"t\"\n{columns}"),
+    );
+    let out = env.pgtide(&["run-once"]).await;
+    assert_ne!(out.code(), 0, "{}", out.stdout());
+    assert!(
+        out.stderr().contains("infinity has no ClickHouse value"),
+        "{}",
+        out.stderr()
+    );
+    // An infinite element of an array too, rather than a shorter array.
+    env.src
+        .batch_execute("update t set at = '2025-01-02', days = '{2025-01-01,-infinity,2025-01-03}' where id = 2")
+        .await
+        .unwrap();
+    let out = env.pgtide(&["run-once"]).await;
+    assert!(
+        out.stderr().contains("-infinity has no ClickHouse value"),
+        "{}",
+        out.stderr()
+    );
+}
+
+#[tokio::test]
+async fn a_null_in_the_key_refuses_the_batch_and_writes_none_of_it() {
+    let (env, db) = env().await;
+    env.src
+        .batch_execute(
+            "create table t (id integer primary key, code text, v integer);
+             insert into t select g, 'c' || g, g from generate_series(1, 500) g;
+             update t set code = null where id = 250;",
+        )
+        .await
+        .unwrap();
+    let columns = support::columns("t", &["code", "v"]);
+    env.job(
+        "t",
+        &format!(
+            "interval_secs = 60\nkey = [\"code\"]\nwatermark = [\"id\"]\n[from]\ntable = \"t\"\n{columns}"
+        ),
+    );
+    let out = env.pgtide(&["run-once"]).await;
+    assert_ne!(out.code(), 0, "{}", out.stdout());
+    assert!(
+        out.stderr()
+            .contains("a view row has NULL in its key (code): \\N, 250"),
+        "{}",
+        out.stderr()
+    );
+    // ClickHouse would have stored '' for it, one key for every such row: nothing of the
+    // batch is there.
+    let rows = ch::query(&format!("select count() from {db}.t format TabSeparated")).await;
+    assert_eq!(rows, "0\n");
 }

@@ -544,3 +544,37 @@ async fn a_read_settles_its_window_at_once_unless_a_session_started_before_it() 
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_with_activity_tracking_off_keeps_the_window_open() {
+    let env = items_env().await;
+    env.pgtide(&["run-once", "by_time"]).await.ok();
+    // With track_activities off, pg_stat_activity shows the session as `disabled`, without
+    // the start of its transaction: it may be open since before a read, as if hidden.
+    let writer = connect(&env.src_url).await;
+    writer
+        .batch_execute("set track_activities = off; begin; select now()")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    env.src
+        .batch_execute("insert into items (v, note) values (21, 'short')")
+        .await
+        .unwrap();
+    env.pgtide(&["run-once", "by_time"]).await.ok();
+    assert!(
+        open_windows(&env, "by_time").await > 0,
+        "a session that shows nothing keeps the window"
+    );
+    writer
+        .batch_execute("insert into items (v, note, updated_at) values (22, 'late', now()); commit")
+        .await
+        .unwrap();
+    env.pgtide(&["run-once", "by_time"]).await.ok();
+    assert_exact(
+        &env,
+        BY_TIME,
+        "a row committed late by a session with activity tracking off",
+    )
+    .await;
+}

@@ -318,3 +318,42 @@ async fn a_parallel_replay_ends_with_the_newest_version_of_a_row_moved_during_it
     assert_eq!(row5(&env).await, "new");
     assert_converged(&env).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_stops_when_the_session_holding_its_lock_is_gone() {
+    let env = Env::new().await;
+    orders(&env, 40_000).await;
+    env.job("orders", &job(2, 1000, "max_rows_per_sec = 8000"));
+    let child = env
+        .command(&["run-once"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_loaded(&env, 3_000).await;
+    // The session holding the job's lock ends (a dropped connection, idle_session_timeout):
+    // another pgtide could take the lock now, so this one must stop writing.
+    let ended: i64 = env
+        .dwh
+        .query_one(
+            "select count(*) from (select pg_terminate_backend(l.pid) from pg_locks l
+              where l.locktype = 'advisory' and l.granted and l.pid <> pg_backend_pid()
+                and l.database = (select oid from pg_database where datname = current_database())) t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 1, "one session holds the job's lock");
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("stops in time")
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let loaded = Env::count(&env.dwh, "dw.orders").await;
+    assert!(loaded < 40_000, "stopped before the end ({loaded} rows)");
+    // The next run takes the lock again and finishes the load.
+    env.job("orders", &job(2, 1000, ""));
+    env.pgtide(&["run-once"]).await.ok();
+    assert_converged(&env).await;
+}

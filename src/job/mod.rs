@@ -469,7 +469,12 @@ impl Context {
                     step.map(|a| (a, 0))
                 }
                 Feed::Events => self.drain(s).await?.map(|(n, a)| (a, n as u64)),
-                Feed::Load(load) => load.next().await?.map(|a| (a, 0)),
+                Feed::Load(load) => {
+                    let chunk = load.next().await?;
+                    // The workers write; the session holding the job's lock waits meanwhile.
+                    s.dwh.check_lock().await?;
+                    chunk.map(|a| (a, 0))
+                }
             };
             let Some((applied, events)) = step else {
                 break true;

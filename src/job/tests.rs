@@ -57,6 +57,9 @@ impl Dwh for FakeDwh {
     async fn unlock(&mut self, _job: &str) -> Result<(), SinkError> {
         Ok(())
     }
+    async fn check_lock(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
     async fn prepare_target(&mut self, _view: &View) -> Result<TargetState, SinkError> {
         Ok(TargetState {
             copy_direct: false,
@@ -388,5 +391,56 @@ async fn a_loads_chunks_reach_its_end_when_its_newest_rows_are_gone() {
     assert_eq!(
         planned(&f, Some("10"), "20").await,
         vec![(Some(s("10")), s("20"))]
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_that_ends_after_a_recheck_snapshot_keeps_its_subtransactions_unseen() {
+    // T (xid t) was in progress at an earlier read, so a window holds t and a floor above it;
+    // in a savepoint T writes with subtransaction id s >= that floor. A recheck's snapshot
+    // cannot see s; T commits before the recheck asks which ids are in progress, so s looks
+    // committed then. The floor must stay at or below s, or s's row is never read again.
+    let f = fixture(5, 10).await;
+    let url = f.cluster.url("postgres");
+    let writer = crate::pg::connect(&url, "test", "writer").await.unwrap();
+    writer
+        .batch_execute(
+            "begin; insert into orders values (100, 1);
+             savepoint a; insert into orders values (101, 2); release a;",
+        )
+        .await
+        .unwrap();
+    let (t, s): (i64, i64) = {
+        let row = writer
+            .query_one(
+                "select pg_current_xact_id()::text::int8,
+                        (select xmin::text::int8 from orders where id = 101)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(
+        s > t,
+        "the savepoint has an id of its own above its parent's"
+    );
+    // A later transaction ends first: T and s lie below the snapshot's xmax.
+    let other = crate::pg::connect(&url, "test", "other").await.unwrap();
+    other
+        .batch_execute("insert into orders values (102, 3)")
+        .await
+        .unwrap();
+    let mut source = f.ctx.connect_source(&f.job).await.unwrap();
+    let (tx, snap) = source::begin(&mut source).await.unwrap();
+    assert!(
+        snap.xip.contains(&(t as u64)),
+        "T ({t}) is running at the snapshot: {snap:?}"
+    );
+    writer.batch_execute("commit").await.unwrap();
+    let unseen = source::unseen(&tx, &snap, s as u64).await.unwrap();
+    assert!(
+        unseen.floor <= s as u64 || unseen.xids.contains(&(s as u64)),
+        "s = {s} unseen by the snapshot, but not covered: {unseen:?}"
     );
 }

@@ -117,6 +117,10 @@ pub trait Dwh {
     async fn lock(&mut self, job: &str) -> Result<bool, SinkError>;
     /// Release the job's lock now.
     async fn unlock(&mut self, job: &str) -> Result<(), SinkError>;
+    /// Fail unless the session holding the job's lock is still there: a session lock ends
+    /// with its session (a dropped connection, `idle_session_timeout`), and another pgtide
+    /// could then write the job too. Asked where the lock's session may have sat idle.
+    async fn check_lock(&mut self) -> Result<(), SinkError>;
     /// Create or evolve what the job writes to (control table, target, staging), refusing an
     /// incompatible target before anything is written.
     async fn prepare_target(&mut self, view: &View) -> Result<TargetState, SinkError>;
@@ -171,6 +175,10 @@ impl Dwh for Client {
 
     async fn unlock(&mut self, job: &str) -> Result<(), SinkError> {
         super::unlock(self, job).await
+    }
+
+    async fn check_lock(&mut self) -> Result<(), SinkError> {
+        super::lock_alive(self).await
     }
 
     async fn prepare_target(&mut self, view: &View) -> Result<TargetState, SinkError> {

@@ -105,6 +105,12 @@ pub async fn try_lock(client: &Client, job: &str) -> Result<bool, SinkError> {
     Ok(row.get(0))
 }
 
+/// The session holding a job's lock answers (a session lock lasts as long as its session).
+pub async fn lock_alive(client: &Client) -> Result<(), SinkError> {
+    client.simple_query("select 1").await?;
+    Ok(())
+}
+
 /// Release the job's lock now, rather than whenever the server notices the session is gone
 /// (a process that exits right after a run would otherwise make the next one exit 3).
 pub async fn unlock(client: &Client, job: &str) -> Result<(), SinkError> {

@@ -45,6 +45,10 @@ impl Dwh for Warehouse {
         each!(self, d => d.unlock(job).await)
     }
 
+    async fn check_lock(&mut self) -> Result<(), SinkError> {
+        each!(self, d => d.check_lock().await)
+    }
+
     async fn prepare_target(&mut self, view: &View) -> Result<TargetState, SinkError> {
         each!(self, d => d.prepare_target(view).await)
     }

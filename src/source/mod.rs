@@ -73,7 +73,8 @@ const UNSEEN_SCAN_MAX: u64 = 200_000;
 /// [`Unseen`]). On a primary the source is asked which ids below the snapshot's `xmax` are
 /// still in progress (`pg_xact_status` knows a subtransaction by its parent), and then which
 /// of the snapshot's own transactions of this database have ended since: those may have had
-/// subtransactions that now look committed, so the floor drops to the first of them.
+/// subtransactions that now look committed, so the floor drops to the first of them, or to
+/// `from` for one below it (its subtransactions' ids can lie anywhere above it).
 pub async fn unseen(
     tx: &Transaction<'_>,
     snap: &Snapshot,
@@ -116,7 +117,7 @@ pub async fn unseen(
     let listed: Vec<String> = snap
         .xip
         .iter()
-        .filter(|x| **x >= start && !elsewhere.contains(x))
+        .filter(|x| !elsewhere.contains(x))
         .map(|x| x.to_string())
         .collect();
     let ended: Vec<String> = if listed.is_empty() {
@@ -133,6 +134,7 @@ pub async fn unseen(
     let parse = |v: Vec<String>| -> Vec<u64> { v.iter().filter_map(|x| x.parse().ok()).collect() };
     let floor = parse(ended)
         .into_iter()
+        .map(|x| x.max(start))
         .chain([snap.xmax])
         .min()
         .unwrap_or(snap.xmax);
@@ -144,7 +146,10 @@ pub async fn unseen(
 /// start of the oldest open transaction, the ids running in other databases) and `p` (the
 /// prepared transactions here and elsewhere). Sessions of other roles are hidden without
 /// pg_read_all_stats: backend_type, state and backend_xid read NULL for them (checked on
-/// PostgreSQL 15). pgtide's own sessions in this database only read and are left out;
+/// PostgreSQL 15); so is a session with `track_activities` off (state `disabled`, no
+/// `xact_start`). Every process that can write counts (client backends, background workers
+/// such as pg_cron's, walsenders that run SQL); autovacuum and a parallel worker (its leader
+/// counts) do not. pgtide's own sessions in this database only read and are left out;
 /// elsewhere they count like any. pg_prepared_xacts is read after pg_stat_activity: a
 /// transaction that prepares in between is seen in one or the other.
 const HORIZON_CTES: &str = "a as materialized (
@@ -152,9 +157,12 @@ const HORIZON_CTES: &str = "a as materialized (
                 datname = current_database() and application_name like 'pgtide:%' as ours
          from pg_stat_activity
          where pid <> pg_backend_pid() and datname is not null
-           and (backend_type = 'client backend' or backend_type is null)),
+           and (backend_type is null
+                or backend_type not in ('autovacuum worker', 'autovacuum launcher',
+                                        'parallel worker', 'logical replication launcher'))),
      h as materialized (
-         select count(*) filter (where here and not ours and backend_type is null) as hidden,
+         select count(*) filter (where here and not ours
+                                  and (backend_type is null or state = 'disabled')) as hidden,
                 min((extract(epoch from xact_start) * 1000000)::int8) filter (where here and not ours) as oldest,
                 array_agg(backend_xid::text) filter (where not here and backend_xid is not null) as elsewhere
          from a),

@@ -27,6 +27,14 @@ use crate::view::View;
 pub use ddl::{describe, quote, target};
 use rows::Tagger;
 
+/// Why the rows of a batch stopped on their way to ClickHouse.
+enum Refused<E> {
+    /// The source's stream failed.
+    Rows(E),
+    /// A row has a NULL in its key.
+    NullKey(rows::NullKey),
+}
+
 pub const VERSION: &str = "_pgtide_version";
 pub const DELETED: &str = "_pgtide_deleted";
 pub const LOADED_AT: &str = "_pgtide_loaded_at";
@@ -117,6 +125,9 @@ impl ClickHouse {
     /// Write the position after checking that it moves forward (the job's lock keeps others
     /// from writing between the check and the insert).
     async fn write_position(&mut self, job: &str, pos: &Position) -> Result<(), SinkError> {
+        // The lock is in a source session that sits idle while ClickHouse works: it must still
+        // be there for the check below to hold.
+        self.check_lock().await?;
         let stored = match self.written_seq {
             Some(seq) => Some(seq),
             None => self.stored_seq(job).await?.map(|(seq, _)| seq),
@@ -294,6 +305,13 @@ impl Dwh for ClickHouse {
         }
     }
 
+    async fn check_lock(&mut self) -> Result<(), SinkError> {
+        match &self.lock {
+            Some(session) => super::lock_alive(session).await,
+            None => Ok(()),
+        }
+    }
+
     async fn prepare_target(&mut self, view: &View) -> Result<TargetState, SinkError> {
         ddl::ensure_control(&mut self.http, &self.database).await?;
         ddl::ensure_target(&mut self.http, view, self.datetime64).await?;
@@ -354,8 +372,9 @@ impl Dwh for ClickHouse {
         S: Stream<Item = Result<Bytes, E>>,
     {
         let version = self.next_version();
-        let key_fields =
-            matches!(batch.missing, Some(Missing::Keys(_))).then(|| view.key_positions());
+        let key_fields = view.key_positions();
+        let keep_keys = matches!(batch.missing, Some(Missing::Keys(_)));
+        let refuse_null = key_fields.iter().any(|k| view.columns[*k].nullable);
         let columns = self.columns(view);
         let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
         let q = format!(
@@ -365,7 +384,12 @@ impl Dwh for ClickHouse {
             quote(VERSION),
             quote(DELETED)
         );
-        let tagger = std::sync::Arc::new(std::sync::Mutex::new(Tagger::new(version, key_fields)));
+        let tagger = std::sync::Arc::new(std::sync::Mutex::new(Tagger::new(
+            version,
+            key_fields,
+            keep_keys,
+            refuse_null,
+        )));
         let t = tagger.clone();
         let tagged = rows.ready_chunks(rows::PIECE_ROWS).map(move |chunks| {
             let mut tagger = t.lock().expect("tagger");
@@ -373,16 +397,29 @@ impl Dwh for ClickHouse {
             let len: usize = chunks.iter().flatten().map(|c| c.len() + 24).sum();
             let mut piece = BytesMut::with_capacity(len);
             for chunk in chunks {
-                tagger.feed(&chunk?, &mut piece);
+                tagger
+                    .feed(&chunk.map_err(Refused::Rows)?, &mut piece)
+                    .map_err(Refused::NullKey)?;
             }
             Ok(piece.freeze())
         });
+        // A refused row aborts the insert: ClickHouse sees a broken body and keeps nothing of
+        // its unfinished block (a batch is one block up to `max_insert_block_size` rows).
         match self.http.insert(&q, tagged).await {
             Ok(()) => {}
-            Err(InsertError::Body(e)) => return Err(WriteError::Rows(e)),
+            Err(InsertError::Body(Refused::Rows(e))) => return Err(WriteError::Rows(e)),
+            Err(InsertError::Body(Refused::NullKey(row))) => {
+                return Err(WriteError::Sink(SinkError::Data(super::KeyError::Null {
+                    columns: view.job.key.clone(),
+                    row: row.0,
+                })))
+            }
             Err(InsertError::ClickHouse(e)) => return Err(WriteError::Sink(e.into())),
         }
-        let tagger = std::mem::replace(&mut *tagger.lock().expect("tagger"), Tagger::new(0, None));
+        let tagger = std::mem::replace(
+            &mut *tagger.lock().expect("tagger"),
+            Tagger::new(0, Vec::new(), false, false),
+        );
         let mut written = Written {
             rows: tagger.rows,
             changed: tagger.rows,

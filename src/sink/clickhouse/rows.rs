@@ -14,31 +14,43 @@ use bytes::BytesMut;
 pub const PIECE_ROWS: usize = 1024;
 
 /// Tags every row of a `TabSeparated` stream with `\t<version>\t0`, counting the rows and,
-/// when asked, keeping the text of their key fields.
+/// when asked, keeping the text of their key fields and refusing a NULL among them.
 pub struct Tagger {
     suffix: Vec<u8>,
-    /// Field positions of the key columns, when the keys are wanted.
-    key_fields: Option<Vec<usize>>,
-    /// The unfinished row at the end of the last chunk (only kept when keys are wanted).
+    /// Field positions of the key columns.
+    key_fields: Vec<usize>,
+    /// Keep every row's key in `keys`.
+    keep_keys: bool,
+    /// Refuse a row with a NULL in its key (some key column of the view can be NULL:
+    /// ClickHouse would store a default value for it, one key for all such rows).
+    refuse_null: bool,
+    /// The unfinished row at the end of the last chunk (kept when keys are looked at).
     partial: Vec<u8>,
     pub rows: u64,
     /// Key field texts of every row seen, escaped as in the stream.
     pub keys: HashSet<Vec<Vec<u8>>>,
 }
 
+/// A row (its text, shortened) with a NULL in its key.
+#[derive(Debug)]
+pub struct NullKey(pub String);
+
 impl Tagger {
-    pub fn new(version: u64, key_fields: Option<Vec<usize>>) -> Tagger {
+    pub fn new(version: u64, key_fields: Vec<usize>, keep_keys: bool, refuse_null: bool) -> Tagger {
         Tagger {
             suffix: format!("\t{version}\t0\n").into_bytes(),
             key_fields,
+            keep_keys,
+            refuse_null,
             partial: Vec::new(),
             rows: 0,
             keys: HashSet::new(),
         }
     }
 
-    /// Append `chunk` to `out` with every row tagged.
-    pub fn feed(&mut self, chunk: &[u8], out: &mut BytesMut) {
+    /// Append `chunk` to `out` with every row tagged; a NULL key when refused stops it.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut BytesMut) -> Result<(), NullKey> {
+        let looks = self.keep_keys || self.refuse_null;
         let mut start = 0;
         for (i, b) in chunk.iter().enumerate() {
             if *b != b'\n' {
@@ -46,7 +58,7 @@ impl Tagger {
             }
             out.extend_from_slice(&chunk[start..i]);
             out.extend_from_slice(&self.suffix);
-            if self.key_fields.is_some() {
+            if looks {
                 let row = if self.partial.is_empty() {
                     &chunk[start..i]
                 } else {
@@ -54,28 +66,33 @@ impl Tagger {
                     &self.partial[..]
                 };
                 let key = self.key_of(row);
-                self.keys.insert(key);
+                if self.refuse_null && key.iter().any(|f| f == b"\\N") {
+                    // As the stream has it: `\N` for NULL.
+                    let text: String = String::from_utf8_lossy(row).chars().take(200).collect();
+                    return Err(NullKey(text.replace('\t', ", ")));
+                }
+                if self.keep_keys {
+                    self.keys.insert(key);
+                }
                 self.partial.clear();
             }
             self.rows += 1;
             start = i + 1;
         }
         out.extend_from_slice(&chunk[start..]);
-        if self.key_fields.is_some() {
+        if looks {
             self.partial.extend_from_slice(&chunk[start..]);
         }
+        Ok(())
     }
 
     fn key_of(&self, row: &[u8]) -> Vec<Vec<u8>> {
-        let fields: Vec<&[u8]> = row.split(|b| *b == b'\t').collect();
+        let last = self.key_fields.iter().max().copied().unwrap_or(0);
+        let fields: Vec<&[u8]> = row.split(|b| *b == b'\t').take(last + 1).collect();
         self.key_fields
-            .as_ref()
-            .map(|k| {
-                k.iter()
-                    .map(|i| fields.get(*i).map(|f| f.to_vec()).unwrap_or_default())
-                    .collect()
-            })
-            .unwrap_or_default()
+            .iter()
+            .map(|i| fields.get(*i).map(|f| f.to_vec()).unwrap_or_default())
+            .collect()
     }
 }
 
@@ -131,10 +148,10 @@ mod tests {
 
     #[test]
     fn every_row_gets_the_version_and_rows_may_span_chunks() {
-        let mut t = Tagger::new(7, Some(vec![0]));
+        let mut t = Tagger::new(7, vec![0], true, true);
         let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
-        t.feed(b"1\tx\n2\ty", &mut a);
-        t.feed(b"z\n3\t\\N\n", &mut b);
+        t.feed(b"1\tx\n2\ty", &mut a).unwrap();
+        t.feed(b"z\n3\t\\N\n", &mut b).unwrap();
         assert_eq!(&a[..], b"1\tx\t7\t0\n2\ty");
         assert_eq!(&b[..], b"z\t7\t0\n3\t\\N\t7\t0\n");
         assert_eq!(t.rows, 3);
@@ -143,6 +160,12 @@ mod tests {
             .map(|k| vec![k.as_bytes().to_vec()])
             .collect();
         assert_eq!(t.keys, keys);
+        // A NULL in the key (here split across chunks) is refused, with the row.
+        let mut t = Tagger::new(7, vec![1], false, true);
+        let mut out = BytesMut::new();
+        t.feed(b"1\tx\n2\t\\", &mut out).unwrap();
+        let refused = t.feed(b"N\tz\n", &mut out).unwrap_err();
+        assert_eq!(refused.0, "2, \\N, z");
     }
 
     #[test]

@@ -93,15 +93,17 @@ impl Scalar {
             "YYYY-MM-DD HH24:MI:SS"
         };
         match self {
-            Scalar::Int(_) | Scalar::Decimal(..) | Scalar::Uuid => format!("({e})"),
+            Scalar::Int(_) | Scalar::Decimal(..) => format!("({e})"),
+            // As text: an array's elements are quoted with `replace`, which takes text.
+            Scalar::Uuid => format!("({e})::text"),
             // ClickHouse reads nan, inf and -inf.
             Scalar::Float(_) => format!("replace(lower(({e})::text), 'infinity', 'inf')"),
             Scalar::Bool => format!("({e})::int"),
-            Scalar::Date => format!("to_char({e}, 'YYYY-MM-DD')"),
+            Scalar::Date => finite(e, format!("to_char({e}, 'YYYY-MM-DD')")),
             Scalar::Timestamp { zoned: true } => {
-                format!("to_char(({e}) at time zone 'UTC', '{format}')")
+                finite(e, format!("to_char(({e}) at time zone 'UTC', '{format}')"))
             }
-            Scalar::Timestamp { zoned: false } => format!("to_char({e}, '{format}')"),
+            Scalar::Timestamp { zoned: false } => finite(e, format!("to_char({e}, '{format}')")),
             Scalar::Text => format!("({e})::text"),
         }
     }
@@ -113,6 +115,16 @@ impl Scalar {
             Scalar::Date | Scalar::Timestamp { .. } | Scalar::Uuid | Scalar::Text
         )
     }
+}
+
+/// `printed` (the text of date or timestamp `e`) where `e` is finite or NULL; an infinite one
+/// fails the batch with a message saying so and showing it (`to_char` would print nothing, a
+/// NULL or a dropped array element in ClickHouse).
+fn finite(e: &str, printed: String) -> String {
+    format!(
+        "case when isfinite({e}) is not false then {printed} \
+         else ('pgtide: ' || ({e})::text || ' has no ClickHouse value (an infinite date or timestamp)')::int::text end"
+    )
 }
 
 /// The element type of a one-dimensional array type (`integer[]` -> `integer`).
@@ -248,10 +260,15 @@ mod tests {
     fn values_are_printed_for_tab_separated() {
         let s = |ty: &str| column(&col(ty, false), false, false).select;
         assert_eq!(s("boolean"), "(o.c)::int");
-        assert_eq!(
-            s("timestamp with time zone"),
-            "to_char((o.c) at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS')"
+        let ts = s("timestamp with time zone");
+        assert!(
+            ts.starts_with(
+                "case when isfinite(o.c) is not false then to_char((o.c) at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS') else"
+            ),
+            "{ts}"
         );
+        assert!(ts.contains("::int::text end"), "{ts}");
+        assert!(s("uuid[]").contains("replace((x)::text"), "{}", s("uuid[]"));
         assert!(s("text[]").contains("replace((x)::text"), "{}", s("text[]"));
     }
 
