@@ -649,3 +649,34 @@ async fn a_null_in_the_key_refuses_the_batch_and_writes_none_of_it() {
     let rows = ch::query(&format!("select count() from {db}.t format TabSeparated")).await;
     assert_eq!(rows, "0\n");
 }
+
+#[tokio::test]
+async fn a_named_datetime_without_utc_is_refused() {
+    let (env, db) = env().await;
+    env.src.batch_execute(ORDERS).await.unwrap();
+    env.job(
+        "orders",
+        &format!(
+            "{POLL_JOB}\n[[column]]\nname = \"updated\"\nfrom = \"orders.updated_at\"\ntype = \"DateTime\"\n"
+        ),
+    );
+    let out = env.pgtide(&["check"]).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(
+        out.stderr().contains(
+            "type \"DateTime\": ClickHouse reads a time in the column's time zone, and pgtide writes them in UTC"
+        ),
+        "{}",
+        out.stderr()
+    );
+    assert!(!exists(&db, "orders").await, "nothing is created");
+    // Naming the zone is fine.
+    env.job(
+        "orders",
+        &format!(
+            "{POLL_JOB}\n[[column]]\nname = \"updated\"\nfrom = \"orders.updated_at\"\ntype = \"DateTime('UTC')\"\n"
+        ),
+    );
+    env.pgtide(&["run-once"]).await.ok();
+    assert_eq!(count_of(&db, "orders").await, "2500\n");
+}

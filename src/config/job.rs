@@ -431,11 +431,19 @@ pub(super) fn column_kind(
 /// A type name is spliced into SQL only after the source's own type parser accepted it; this
 /// first check keeps anything that could not be a type name out of SQL text altogether.
 pub(super) fn check_type_name(ty: &str, field: &str, problems: &mut Problems) {
-    let ok = !ty.trim().is_empty()
-        && ty
-            .chars()
-            .all(|c| c.is_alphanumeric() || " _(),[]\".".contains(c))
-        && ty.matches('"').count().is_multiple_of(2);
+    // Single quotes enclose a ClickHouse time zone (`DateTime64(3, 'UTC')`): a name of
+    // letters, digits and `_/+-` only.
+    let mut quoted = false;
+    let chars_ok = ty.chars().all(|c| match c {
+        '\'' => {
+            quoted = !quoted;
+            true
+        }
+        _ if quoted => c.is_ascii_alphanumeric() || "_/+-".contains(c),
+        _ => c.is_alphanumeric() || " _(),[]\".".contains(c),
+    });
+    let ok =
+        !ty.trim().is_empty() && chars_ok && !quoted && ty.matches('"').count().is_multiple_of(2);
     if !ok {
         problems.push(field, format!("{ty:?} is not a type name"));
     }

@@ -225,12 +225,25 @@ fn unknown_top_level_field_and_bad_enums() {
 
 #[test]
 fn type_names_that_could_carry_sql_are_refused() {
-    let errs = job(&GOOD.replace("type = \"text\"", "type = \"text; drop table x\"")).unwrap_err();
-    assert!(
-        errs.iter()
-            .any(|e| e.contains("column[1].type") && e.contains("is not a type name")),
-        "{errs:?}"
-    );
+    for bad in [
+        "text; drop table x",
+        "DateTime('UTC",
+        "DateTime('UTC'); drop table x",
+        "DateTime('a b')",
+    ] {
+        let errs = job(&GOOD.replace("type = \"text\"", &format!("type = \"{bad}\""))).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("column[1].type") && e.contains("is not a type name")),
+            "{bad}: {errs:?}"
+        );
+    }
+    // A ClickHouse time zone in quotes is a type name.
+    job(&GOOD.replace(
+        "type = \"text\"",
+        "type = \"DateTime64(3, 'Europe/Berlin')\"",
+    ))
+    .unwrap();
 }
 
 #[test]

@@ -122,6 +122,16 @@ pub async fn resolve(client: &Client, job: &std::sync::Arc<JobSpec>) -> Result<V
         // For a ClickHouse DWH a column's `type` names a ClickHouse type: the source sends the
         // value as it is and the DWH's mapping formats it for that type.
         let dwh_type = c.ty.clone().filter(|_| clickhouse);
+        if let Some(named) = &dwh_type {
+            if named.contains("DateTime") && !named.replace(' ', "").contains("'UTC'") {
+                problems.push(format!(
+                    "column[{i}] ({}): type {named:?}: ClickHouse reads a time in the column's time \
+                     zone, and pgtide writes them in UTC: name it, as in DateTime64(3, 'UTC')",
+                    c.name
+                ));
+                continue;
+            }
+        }
         let ty = match &c.ty {
             None => None,
             Some(_) if clickhouse => None,
