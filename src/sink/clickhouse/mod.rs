@@ -14,6 +14,8 @@ mod ddl;
 pub mod rows;
 pub mod types;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
@@ -26,6 +28,19 @@ use crate::view::View;
 
 pub use ddl::{describe, quote, target};
 use rows::Tagger;
+
+/// The newest version any connection of this process has handed out.
+static LAST_VERSION: AtomicU64 = AtomicU64::new(0);
+
+/// The next version at clock `now` (microseconds) for a connection whose own last one was
+/// `floor`: above both, and above every version of this process.
+fn advance_version(now: u64, floor: u64) -> u64 {
+    let next = |last: u64| now.max(last + 1).max(floor + 1);
+    let previous = LAST_VERSION
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(next(last)))
+        .expect("the update always gives a value");
+    next(previous)
+}
 
 /// Why the rows of a batch stopped on their way to ClickHouse.
 enum Refused<E> {
@@ -79,14 +94,16 @@ impl ClickHouse {
         ddl::columns(view, self.datetime64)
     }
 
-    /// A version greater than every one written before: the clock in microseconds, or one
-    /// more than the last.
+    /// A version greater than every one written before, by this connection (and the newest in
+    /// the target when it was prepared) and by every other of this process (a load's workers
+    /// and the run's own session write the same keys): the clock in microseconds, or one more
+    /// than the last, so versions grow even when the clock steps back.
     fn next_version(&mut self) -> u64 {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        self.last_version = now.max(self.last_version + 1);
+        self.last_version = advance_version(now, self.last_version);
         self.last_version
     }
 
@@ -438,5 +455,22 @@ impl Dwh for ClickHouse {
             written.stored = Some(stored);
         }
         Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_grow_across_connections_when_the_clock_steps_back() {
+        // One connection writes at clock 2,000,000; another, whose own last version is
+        // older, writes after the clock stepped back: its version is still newer.
+        let first = advance_version(2_000_000, 0);
+        let second = advance_version(1_000_000, 5);
+        assert!(second > first, "{second} after {first}");
+        // A connection's own last version counts too.
+        let own = advance_version(0, second + 10);
+        assert!(own > second + 10);
     }
 }
