@@ -478,6 +478,23 @@ async fn open_windows(env: &Env, job: &str) -> u64 {
         .unwrap()
 }
 
+/// While `writer`'s transaction is open: a short transaction inserts a row and a run reads it,
+/// leaving a window that must stay open (`why`); then the writer inserts a row stamped with its
+/// start (below that row) and commits.
+async fn read_past_an_open_writer(env: &Env, writer: &tokio_postgres::Client, why: &str) {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    env.src
+        .batch_execute("insert into items (v, note) values (21, 'short')")
+        .await
+        .unwrap();
+    env.pgtide(&["run-once", "by_time"]).await.ok();
+    assert!(open_windows(env, "by_time").await > 0, "{why}");
+    writer
+        .batch_execute("insert into items (v, note, updated_at) values (22, 'late', now()); commit")
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_settles_its_window_at_once_unless_a_session_started_before_it() {
     let env = items_env().await;
@@ -511,20 +528,12 @@ async fn a_read_settles_its_window_at_once_unless_a_session_started_before_it() 
         id, None,
         "the writer must hold no id while the batch is read"
     );
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    env.src
-        .batch_execute("insert into items (v, note) values (21, 'short')")
-        .await
-        .unwrap();
-    env.pgtide(&["run-once", "by_time"]).await.ok();
-    assert!(
-        open_windows(&env, "by_time").await > 0,
-        "a session open since before the read keeps the window"
-    );
-    writer
-        .batch_execute("insert into items (v, note, updated_at) values (22, 'late', now()); commit")
-        .await
-        .unwrap();
+    read_past_an_open_writer(
+        &env,
+        &writer,
+        "a session open since before the read keeps the window",
+    )
+    .await;
     let below: bool = env
         .src
         .query_one(
@@ -556,20 +565,12 @@ async fn a_session_with_activity_tracking_off_keeps_the_window_open() {
         .batch_execute("set track_activities = off; begin; select now()")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    env.src
-        .batch_execute("insert into items (v, note) values (21, 'short')")
-        .await
-        .unwrap();
-    env.pgtide(&["run-once", "by_time"]).await.ok();
-    assert!(
-        open_windows(&env, "by_time").await > 0,
-        "a session that shows nothing keeps the window"
-    );
-    writer
-        .batch_execute("insert into items (v, note, updated_at) values (22, 'late', now()); commit")
-        .await
-        .unwrap();
+    read_past_an_open_writer(
+        &env,
+        &writer,
+        "a session that shows nothing keeps the window",
+    )
+    .await;
     env.pgtide(&["run-once", "by_time"]).await.ok();
     assert_exact(
         &env,

@@ -189,12 +189,7 @@ async fn a_stop_signal_during_a_parallel_load_finishes_the_chunks_in_hand() {
     // about 40,000 rows at this rate.
     orders(&env, 100_000).await;
     env.job("orders", &job(3, 1000, "max_rows_per_sec = 20000"));
-    let child = env
-        .command(&["run-once"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = run_once_in_background(&env);
     wait_loaded(&env, 5_000).await;
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
@@ -252,6 +247,15 @@ async fn a_row_moved_between_chunks_is_written_last_in_its_newest_version() {
     env.pgtide(&["run-once"]).await.ok();
     assert_eq!(row5(&env).await, "new");
     assert_converged(&env).await;
+}
+
+/// `run-once` started, its output to be read when it ends (`wait_with_output`).
+fn run_once_in_background(env: &Env) -> tokio::process::Child {
+    env.command(&["run-once"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Wait until `dw.orders` holds at least `n` rows.
@@ -324,12 +328,7 @@ async fn a_load_stops_when_the_session_holding_its_lock_is_gone() {
     let env = Env::new().await;
     orders(&env, 40_000).await;
     env.job("orders", &job(2, 1000, "max_rows_per_sec = 8000"));
-    let child = env
-        .command(&["run-once"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = run_once_in_background(&env);
     wait_loaded(&env, 3_000).await;
     // The session holding the job's lock ends (a dropped connection, idle_session_timeout):
     // another pgtide could take the lock now, so this one must stop writing.
