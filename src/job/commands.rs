@@ -60,6 +60,7 @@ impl Context {
             &s.view,
             load::Reach::Replay { lo: from, to },
             s.limiter.clone(),
+            s.table_rows,
         );
         let mut reads = Vec::new();
         let result = self

@@ -122,12 +122,14 @@ pub(super) fn replay_window(mut reads: Vec<(u64, Window)>) -> Option<Window> {
 }
 
 impl Context {
-    /// Start loading `reach` with the job's `parallel` workers.
+    /// Start loading `reach` with the job's `parallel` workers; `table_rows` is the main
+    /// table's size by its statistics (`Session::table_rows`).
     pub(super) fn start_load(
         &self,
         view: &View,
         reach: Reach,
         limiter: Option<Arc<Limiter>>,
+        table_rows: Option<u64>,
     ) -> Load {
         let workers = view.job.parallel.max(1);
         // One chunk waits for the next free worker: the planner cuts each chunk when a worker
@@ -154,7 +156,10 @@ impl Context {
                 (self.clone(), view.clone(), stop.clone(), done_tx.clone());
             let speed = speed.clone();
             tasks.spawn(async move {
-                if let Err(e) = ctx.plan(&view, reach, chunks_tx, &stop, &speed).await {
+                if let Err(e) = ctx
+                    .plan(&view, reach, table_rows, chunks_tx, &stop, &speed)
+                    .await
+                {
                     let _ = done.send(Err(e)).await;
                 }
             });
@@ -198,15 +203,13 @@ impl Context {
         &self,
         view: &View,
         reach: Reach,
+        table_rows: Option<u64>,
         chunks: mpsc::Sender<Planned>,
         stop: &AtomicBool,
         speed: &AtomicU64,
     ) -> Result<(), JobError> {
         let mut rows = view.job.batch_size;
         let mut source = self.connect_source(&view.job).await?;
-        let table_rows = source::table_rows(&source, view)
-            .await
-            .map_err(JobError::Source)?;
         let (mut lo, end, shared) = match reach {
             Reach::Replay { lo, to } => (lo, to, None),
             Reach::Position(shared) => {

@@ -535,6 +535,7 @@ impl Context {
             &s.view,
             load::Reach::Position(shared.clone()),
             s.limiter.clone(),
+            s.table_rows,
         );
         let finished = self
             .drive(

@@ -351,6 +351,7 @@ async fn planned(f: &Fixture, watermark: Option<&str>, end: &str) -> Vec<(Option
     let plan = f.ctx.plan(
         &view,
         load::Reach::Position(shared.clone()),
+        None,
         tx,
         &stop,
         &speed,

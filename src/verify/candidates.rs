@@ -51,13 +51,31 @@ impl Spill {
         self.out.write_all(b"\n").map_err(VerifyError::Spill)
     }
 
-    pub(super) fn read(self) -> Result<std::io::Lines<BufReader<std::fs::File>>, VerifyError> {
+    pub(super) fn read(self) -> Result<SpillReader, VerifyError> {
         let mut f = self
             .out
             .into_inner()
             .map_err(|e| VerifyError::Spill(e.into_error()))?;
         f.rewind().map_err(VerifyError::Spill)?;
-        Ok(BufReader::new(f).lines())
+        Ok(SpillReader(BufReader::new(f).lines()))
+    }
+}
+
+/// The keys of a spill, read back a chunk at a time.
+pub(super) struct SpillReader(std::io::Lines<BufReader<std::fs::File>>);
+
+impl SpillReader {
+    /// The next `n` keys: fewer at the end, none once every key is read.
+    pub(super) fn next_chunk(&mut self, n: usize) -> Result<Vec<Vec<String>>, VerifyError> {
+        let mut chunk = Vec::new();
+        for line in self.0.by_ref() {
+            let line = line.map_err(VerifyError::Spill)?;
+            chunk.push(serde_json::from_str(&line).map_err(|e| VerifyError::Spill(e.into()))?);
+            if chunk.len() == n {
+                break;
+            }
+        }
+        Ok(chunk)
     }
 }
 

@@ -31,18 +31,11 @@ pub(super) async fn recheck(
     outcome: &mut Outcome,
     mut repair: Option<&mut Repair>,
 ) -> Result<(), VerifyError> {
-    let mut lines = spill.read()?;
+    let mut keys = spill.read()?;
     let chunk_size = plan.view.job.batch_size.max(1) as usize;
     let queries = Recheck::new(plan);
     loop {
-        let mut chunk: Vec<Vec<String>> = Vec::new();
-        for line in lines.by_ref() {
-            let line = line.map_err(VerifyError::Spill)?;
-            chunk.push(serde_json::from_str(&line).map_err(|e| VerifyError::Spill(e.into()))?);
-            if chunk.len() == chunk_size {
-                break;
-            }
-        }
+        let chunk = keys.next_chunk(chunk_size)?;
         if chunk.is_empty() {
             return Ok(());
         }

@@ -37,16 +37,9 @@ pub(super) async fn recheck(
     outcome: &mut Outcome,
     mut repair: Option<&mut Repair>,
 ) -> Result<(), VerifyError> {
-    let mut lines = spill.read()?;
+    let mut keys = spill.read()?;
     loop {
-        let mut chunk: Vec<Vec<String>> = Vec::new();
-        for line in lines.by_ref() {
-            let line = line.map_err(VerifyError::Spill)?;
-            chunk.push(serde_json::from_str(&line).map_err(|e| VerifyError::Spill(e.into()))?);
-            if chunk.len() == CHUNK_KEYS {
-                break;
-            }
-        }
+        let chunk = keys.next_chunk(CHUNK_KEYS)?;
         if chunk.is_empty() {
             return Ok(());
         }
